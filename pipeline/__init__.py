@@ -1,0 +1,3 @@
+"""npu-pipeline: PyTorch or ONNX models to quantized, validated, deployable artifacts for AMD Ryzen AI NPUs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,59 @@
+"""One error hierarchy for everything a user can get wrong or a stage can refuse.
+
+The CLI catches `PipelineError` only: it prints the message on one line and exits with the class's
+`exit_code`. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PipelineError",
+    "RecipeError",
+    "DataError",
+    "ModelError",
+    "StageError",
+    "ReadinessError",
+    "GateError",
+]
+
+
+class PipelineError(Exception):
+    """Root of every error the pipeline raises on purpose. Message: what, where, how to fix."""
+
+    exit_code = 2
+
+
+class RecipeError(PipelineError):
+    """The recipe file is missing, not YAML, or does not fit the schema."""
+
+    exit_code = 2
+
+
+class DataError(PipelineError):
+    """Calibration or validation data is missing, malformed, or does not match the model's inputs."""
+
+    exit_code = 2
+
+
+class ModelError(PipelineError):
+    """A model file or builder cannot be loaded, or its inputs do not match the recipe."""
+
+    exit_code = 2
+
+
+class StageError(PipelineError):
+    """A stage ran but its result is wrong (e.g. the exported ONNX model disagrees with torch)."""
+
+    exit_code = 3
+
+
+class ReadinessError(PipelineError):
+    """The model breaks a hard rule of the NPU target (dynamic shape, Loop/If, non power-of-two scale...)."""
+
+    exit_code = 5
+
+
+class GateError(PipelineError):
+    """An accuracy gate of the recipe failed. The report is written before this is raised."""
+
+    exit_code = 4
