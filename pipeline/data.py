@@ -1,0 +1,178 @@
+"""Calibration and validation data: iterables of `{input_name: ndarray}` built from a recipe dataset.
+
+Stages never know where data came from. Every source is streamed one model batch at a time, so memory
+does not grow with the number of samples, and every sample is checked against the recipe's input specs
+(names, shapes, dtypes, finite values) with an error that names the file, the sample and the tensor.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .recipe import ImageData, InputSpec, NpzData, Recipe, TextData
+
+__all__ = ["Batch", "DataSource", "open_dataset"]
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass
+class DataSource:
+    """A dataset bound to the model's inputs: iterate it for batches, read `labels` if any."""
+
+    description: str
+    inputs: list[InputSpec]
+    count: int
+    _batches: "callable[[], Iterator[Batch]]"
+    labels: np.ndarray | None = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        for index, batch in enumerate(self._batches()):
+            _check_batch(batch, self.inputs, where=f"{self.description}, sample {index}")
+            yield batch
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def _check_batch(batch: Batch, inputs: list[InputSpec], *, where: str) -> None:
+    for spec in inputs:
+        array = batch.get(spec.name)
+        if array is None:
+            raise DataError(f"{where}: no data for model input '{spec.name}' (map it in the recipe's data.arrays)")
+        if list(array.shape) != spec.shape:
+            raise DataError(
+                f"{where}: input '{spec.name}' has shape {list(array.shape)}, the recipe declares {spec.shape}"
+                " (fix the data or inputs[].shape)"
+            )
+        if array.dtype != np.dtype(spec.dtype):
+            raise DataError(
+                f"{where}: input '{spec.name}' has dtype {array.dtype}, the recipe declares {spec.dtype}"
+            )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).sum())
+            raise DataError(f"{where}: input '{spec.name}' holds {bad} NaN/inf values; clean the data set")
+
+
+def open_dataset(recipe: Recipe, section: str, *, limit: int | None = None) -> DataSource:
+    """The recipe's `calibration` or `validation` data as a `DataSource` of at most `limit` batches."""
+    settings = getattr(recipe, section)
+    limit = settings.samples if limit is None else limit
+    data = settings.data
+    path = recipe.resolve(data.path)
+    if not path.exists():
+        raise DataError(f"{section}.data.path: {path} does not exist (run 'make data' or fix the recipe path)")
+    if isinstance(data, NpzData):
+        return _npz_source(path, data, recipe.inputs, limit, section)
+    if isinstance(data, TextData):
+        return _text_source(path, data, recipe, limit, section)
+    if isinstance(data, ImageData):
+        from .images import image_source  # Pillow only where images are used
+
+        return image_source(path, data, recipe.inputs, limit, section)
+    raise DataError(f"{section}.data.kind: unsupported data kind")  # pragma: no cover - schema forbids it
+
+
+def _npz_source(path: Path, data: NpzData, inputs: list[InputSpec], limit: int, section: str) -> DataSource:
+    try:
+        archive = np.load(path, allow_pickle=False, mmap_mode="r")
+        keys = set(archive.files)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"{section}.data.path: {path} is not a readable .npz file ({err})") from None
+    batch_size = inputs[0].shape[0]
+    arrays: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        key = data.arrays.get(spec.name, spec.name)
+        if key not in keys:
+            raise DataError(
+                f"{section}.data: {path} has no array '{key}' for input '{spec.name}' "
+                f"(it has: {', '.join(sorted(keys)) or 'nothing'}); set data.arrays.{spec.name}"
+            )
+        try:
+            arrays[spec.name] = archive[key]
+        except ValueError as err:  # object arrays need pickle: refused
+            raise DataError(f"{section}.data: {path}: array '{key}' cannot be read without pickle ({err})") from None
+        if arrays[spec.name].ndim == 0 or list(arrays[spec.name].shape[1:]) != spec.shape[1:]:
+            raise DataError(
+                f"{section}.data: {path}: array '{key}' has shape {list(arrays[spec.name].shape)}; "
+                f"input '{spec.name}' needs [N, {', '.join(map(str, spec.shape[1:]))}] (sample axis first)"
+            )
+    unknown = sorted(set(data.arrays) - {s.name for s in inputs})
+    if unknown:
+        raise DataError(f"{section}.data.arrays: {', '.join(unknown)} are not model inputs")
+    total = min(len(a) for a in arrays.values())
+    labels = None
+    if data.labels is not None:
+        if data.labels not in keys:
+            raise DataError(f"{section}.data.labels: {path} has no array '{data.labels}'")
+        labels = np.asarray(archive[data.labels])
+    count = min(limit, total // batch_size)
+    if count == 0:
+        raise DataError(f"{section}.data: {path} holds no samples (need at least {batch_size})")
+
+    def batches() -> Iterator[Batch]:
+        for i in range(count):
+            rows = slice(i * batch_size, (i + 1) * batch_size)
+            yield {name: np.ascontiguousarray(a[rows]) for name, a in arrays.items()}
+
+    if labels is not None:
+        labels = labels[: count * batch_size]
+    return DataSource(f"{path.name}", inputs, count, batches, labels)
+
+
+def resolve_resource(spec: str, recipe: Recipe) -> Path:
+    """A file path, or `pkg:<package>/<path>` for a file shipped inside an installed package."""
+    if spec.startswith("pkg:"):
+        package, _, inner = spec[4:].partition("/")
+        try:
+            root = importlib.resources.files(package)
+        except ModuleNotFoundError:
+            raise DataError(f"tokenizer: package '{package}' is not installed (pip install it)") from None
+        path = Path(str(root.joinpath(inner)))
+    else:
+        path = recipe.resolve(Path(spec))
+    if not path.is_file():
+        raise DataError(f"tokenizer: {path} does not exist")
+    return path
+
+
+def _text_source(path: Path, data: TextData, recipe: Recipe, limit: int, section: str) -> DataSource:
+    from tokenizers import Tokenizer
+
+    by_name = {s.name: s for s in recipe.inputs}
+    for name in data.fields:
+        if name not in by_name:
+            raise DataError(f"{section}.data.fields: '{name}' is not a model input ({', '.join(by_name)})")
+    missing = sorted(set(by_name) - set(data.fields))
+    if missing:
+        raise DataError(f"{section}.data.fields: no tokenizer field mapped to input(s) {', '.join(missing)}")
+    seq_len = next(iter(by_name.values())).shape[-1]
+    tokenizer = Tokenizer.from_file(str(resolve_resource(data.tokenizer, recipe)))
+    tokenizer.enable_truncation(max_length=seq_len)
+    tokenizer.enable_padding(length=seq_len)
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise DataError(f"{section}.data.path: {path} holds no sentences")
+    lines = lines[:limit]
+
+    def batches() -> Iterator[Batch]:
+        for line in lines:
+            encoding = tokenizer.encode(line)
+            fields = {
+                "input_ids": encoding.ids,
+                "attention_mask": encoding.attention_mask,
+                "token_type_ids": encoding.type_ids,
+            }
+            yield {
+                name: np.asarray(fields[field], dtype=by_name[name].dtype).reshape(by_name[name].shape)
+                for name, field in data.fields.items()
+            }
+
+    return DataSource(path.name, recipe.inputs, len(lines), batches)

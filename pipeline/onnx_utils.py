@@ -1,0 +1,87 @@
+"""Small ONNX and onnxruntime helpers shared by the stages: loading with clear errors, sessions, saving.
+
+Numerics: `npu_emulation=True` runs a QDQ model with every graph optimization disabled, so Q/DQ pairs run
+as float ops (ideal integer arithmetic, what the NPU computes). The CPU EP's fused int8 kernels saturate
+on x86 without VNNI (a digits CNN scored 52.8% instead of 99.4%), so their figures are labelled CPU-EP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelError
+
+__all__ = ["load_onnx", "save_onnx", "model_opset", "make_session", "run_session", "static_input_shapes"]
+
+
+def load_onnx(path: Path, *, where: str = "model"):
+    """Load and check an ONNX file; a missing, truncated or invalid file raises one `ModelError`."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{where}: {path} does not exist")
+    try:
+        model = onnx.load(str(path))
+    except Exception as err:  # protobuf raises DecodeError and friends; all mean "not an ONNX file"
+        raise ModelError(f"{where}: {path} is not a readable ONNX file ({type(err).__name__}: {err})") from None
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ModelError(f"{where}: {path} is not a valid ONNX model: {first}") from None
+    if not model.graph.node:
+        raise ModelError(f"{where}: {path} has an empty graph")
+    return model
+
+
+def save_onnx(model, path: Path) -> None:
+    """Serialise deterministically (same graph, same bytes) and write atomically."""
+    from .runner import atomic_write
+
+    atomic_write(Path(path), model.SerializeToString(deterministic=True))
+
+
+def model_opset(model) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return 0
+
+
+def make_session(model: Path | bytes, *, npu_emulation: bool = False, optimize: bool = True, threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if npu_emulation or not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = str(model) if isinstance(model, Path) else model
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph classes
+        raise ModelError(f"onnxruntime cannot load {model if isinstance(model, Path) else 'the model'}: {err}") from None
+
+
+def run_session(model: Path, feeds: dict[str, np.ndarray], *, optimize: bool = True) -> Sequence[np.ndarray]:
+    session = make_session(model, optimize=optimize)
+    return session.run(None, feeds)
+
+
+def static_input_shapes(model) -> dict[str, list[int | str]]:
+    """Each graph input's dims: ints where static, the dim_param (or '?') where dynamic."""
+    init_names = {i.name for i in model.graph.initializer}
+    shapes = {}
+    for value in model.graph.input:
+        if value.name in init_names:
+            continue
+        dims = []
+        for d in value.type.tensor_type.shape.dim:
+            dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?"))
+        shapes[value.name] = dims
+    return shapes

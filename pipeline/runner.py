@@ -1,0 +1,232 @@
+"""Runs stages in order over a run folder, with a content-addressed cache and atomic outputs.
+
+Layout of a run folder (`build/<recipe name>/` unless the recipe or `--out` says otherwise):
+
+    export/     model.onnx, stage.json
+    prepare/    model.onnx, stage.json
+    calibrate/  stats.npz, tensors.json, stage.json
+    quantize/   model.onnx, ranges.json, stage.json
+    validate/   metrics.json, stage.json
+    artifact/   the deployable bundle (package stage), stage.json
+
+Each stage's `stage.json` holds its cache key: a hash of the recipe sections it reads, the keys of the
+stages it reads from, the content of any user file it reads, and the versions of the libraries that shape
+it. An unchanged stage is skipped. A stage writes into a temporary folder that is renamed into place only
+when it finished, so a killed run never leaves a half-written stage behind, and a lock file serialises
+two processes converting into the same folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from . import __version__
+from .errors import PipelineError, StageError
+from .recipe import Recipe
+
+__all__ = ["Stage", "RunContext", "StageRecord", "Runner", "library_versions", "sha256_file", "atomic_write"]
+
+RECORD = "stage.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write a file via a temporary sibling and a rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def dump_json(data: object) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the artifacts (cache key and manifest)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"npu-pipeline": __version__}
+    for name in ("torch", "onnx", "onnxruntime", "numpy"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What `stage.json` holds: provenance for the cache, the manifest and the report."""
+
+    stage: str
+    key: str
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, folder: Path) -> "StageRecord | None":
+        try:
+            data = json.loads((folder / RECORD).read_text())
+            return cls(data["stage"], data["key"], float(data["seconds"]), data.get("metrics", {}))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    run_dir: Path
+    progress: bool = True
+
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def require(self, stage: str, filename: str) -> Path:
+        path = self.stage_dir(stage) / filename
+        if not path.is_file():
+            raise StageError(
+                f"{path} is missing: run the '{stage}' stage first (npu-pipeline {stage} RECIPE) or use 'run'"
+            )
+        return path
+
+    def record(self, stage: str) -> StageRecord:
+        record = StageRecord.load(self.stage_dir(stage))
+        if record is None:
+            raise StageError(f"{self.stage_dir(stage)} holds no finished '{stage}' stage: run it first")
+        return record
+
+
+class Stage(ABC):
+    """One step of the pipeline. Subclasses set the class variables and implement `run`."""
+
+    name: ClassVar[str]
+    # Recipe sections whose content is part of this stage's cache key.
+    sections: ClassVar[tuple[str, ...]] = ()
+    # Earlier stages whose outputs this stage reads (their keys chain into this key).
+    after: ClassVar[tuple[str, ...]] = ()
+    # Bump when the stage's code changes what it writes.
+    revision: ClassVar[int] = 1
+
+    def extra_key(self, ctx: RunContext) -> dict:
+        """Anything else the output depends on (e.g. hashes of user files the stage reads)."""
+        return {}
+
+    @abstractmethod
+    def run(self, ctx: RunContext, out: Path) -> dict:
+        """Write the stage's files into `out` (a fresh folder) and return its metrics."""
+
+    def key(self, ctx: RunContext) -> str:
+        material = {
+            "stage": self.name,
+            "revision": self.revision,
+            "sections": ctx.recipe.section_json(*self.sections) if self.sections else "",
+            "after": {name: ctx.record(name).key for name in self.after},
+            "extra": self.extra_key(ctx),
+            "versions": library_versions(),
+        }
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    record: StageRecord
+    cached: bool
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive lock on a run folder: a second process converting the same recipe waits its turn."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Runner:
+    """Runs a sequence of stages for one recipe into one run folder."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        *,
+        force: bool = False,
+        progress: bool = True,
+        on_stage: Callable[[StageOutcome], None] | None = None,
+    ) -> None:
+        self.ctx = RunContext(recipe, run_dir, progress)
+        self.force = force
+        self.on_stage = on_stage
+
+    def run(self, stages: Sequence[Stage]) -> list[StageOutcome]:
+        outcomes = []
+        with run_lock(self.ctx.run_dir):
+            for stage in stages:
+                outcomes.append(self._run_one(stage))
+                if self.on_stage is not None:
+                    self.on_stage(outcomes[-1])
+        return outcomes
+
+    def _run_one(self, stage: Stage) -> StageOutcome:
+        final = self.ctx.stage_dir(stage.name)
+        key = stage.key(self.ctx)
+        existing = StageRecord.load(final)
+        if not self.force and existing is not None and existing.key == key:
+            return StageOutcome(stage.name, existing, cached=True)
+        scratch = Path(tempfile.mkdtemp(dir=self.ctx.run_dir, prefix=f".{stage.name}."))
+        try:
+            start = time.perf_counter()
+            try:
+                metrics = stage.run(self.ctx, scratch)
+            except PipelineError:
+                raise
+            except Exception as err:
+                raise StageError(f"stage '{stage.name}' failed: {type(err).__name__}: {err}") from err
+            record = StageRecord(stage.name, key, round(time.perf_counter() - start, 3), metrics)
+            atomic_write(scratch / RECORD, dump_json(record.__dict__))
+            _swap_into_place(scratch, final)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return StageOutcome(stage.name, record, cached=False)
+
+
+def _swap_into_place(scratch: Path, final: Path) -> None:
+    """Replace `final` by `scratch`. Readers see the old folder, no folder, or the new one, never a mix."""
+    trash = None
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old.{os.getpid()}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+    os.replace(scratch, final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)

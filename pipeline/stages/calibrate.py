@@ -1,0 +1,139 @@
+"""Calibrate: stream the calibration set through the float model and gather activation statistics.
+
+onnxruntime's calibrators make every activation a graph output and keep them all in RAM (about 82 MB per
+MiniLM sample: 16.8 GiB for 200 samples with Percentile). Here the statistics are computed *inside* the
+graph: for every float activation the instrumented model returns its exact min and max (ReduceMin,
+ReduceMax) and a strided subsample of about 4,096 values (a prime stride, so every channel is sampled
+evenly). Those few numbers feed a fixed-size histogram per tensor (`pipeline.stats`), so memory does not
+grow with the number of samples and the Python side touches kilobytes, not megabytes, per sample.
+
+Statistics are gathered for every float activation, whatever the format: quantize can then be rerun with
+another format or range method without running the model again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..data import open_dataset
+from ..errors import DataError, StageError
+from ..onnx_utils import load_onnx, make_session, save_onnx
+from ..runner import RunContext, Stage, atomic_write, dump_json
+from ..stats import StatsCollector
+
+__all__ = ["CalibrateStage", "activation_tensors", "instrument", "SAMPLE_SIZE"]
+
+SAMPLE_SIZE = 4096
+
+
+def _float_shapes(model) -> dict[str, list[int]]:
+    """Static shapes of every float32 value the graph knows (inputs, outputs, value_info)."""
+    from onnx import TensorProto
+
+    shapes = {}
+    for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        tensor_type = value.type.tensor_type
+        if tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim]
+        shapes[value.name] = dims
+    return shapes
+
+
+def activation_tensors(model) -> dict[str, list[int]]:
+    """Float activations worth a range: graph inputs and node outputs that are not constants."""
+    init_names = {i.name for i in model.graph.initializer}
+    shapes = _float_shapes(model)
+    names = [i.name for i in model.graph.input if i.name not in init_names]
+    for node in model.graph.node:
+        if node.op_type in ("Constant", "Shape", "ConstantOfShape"):
+            continue
+        names.extend(o for o in node.output if o)
+    result = {}
+    for name in names:
+        shape = shapes.get(name)
+        if shape is not None and all(d > 0 for d in shape) and name not in init_names:
+            result[name] = shape
+    return result
+
+
+def _next_prime(n: int) -> int:
+    n = max(2, n)
+    while any(n % p == 0 for p in range(2, int(n**0.5) + 1)):
+        n += 1
+    return n
+
+
+def instrument(model, tensors: dict[str, list[int]]):
+    """A copy of `model` whose outputs are, per tensor, its min, max and a strided subsample."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    del graph.output[:]
+    flat = numpy_helper.from_array(np.array([-1], dtype=np.int64), "_calib_flat")
+    graph.initializer.append(flat)
+    for index, (name, shape) in enumerate(tensors.items()):
+        numel = int(np.prod(shape))
+        tag = f"_calib{index}"
+        graph.node.append(helper.make_node("ReduceMin", [name], [f"{tag}_min"], keepdims=0))
+        graph.node.append(helper.make_node("ReduceMax", [name], [f"{tag}_max"], keepdims=0))
+        graph.node.append(helper.make_node("Reshape", [name, "_calib_flat"], [f"{tag}_flat"]))
+        sample = f"{tag}_flat"
+        if numel > SAMPLE_SIZE:
+            stride = _next_prime(-(-numel // SAMPLE_SIZE))
+            consts = {"starts": stride // 2, "ends": numel, "axes": 0, "steps": stride}
+            for key, value in consts.items():
+                graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), f"{tag}_{key}"))
+            sample = f"{tag}_sample"
+            graph.node.append(
+                helper.make_node("Slice", [f"{tag}_flat", *(f"{tag}_{k}" for k in consts)], [sample])
+            )
+        for out in (f"{tag}_min", f"{tag}_max", sample):
+            graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+    return model
+
+
+class CalibrateStage(Stage):
+    name = "calibrate"
+    sections = ("inputs", "calibration")
+    after = ("prepare",)
+
+    def extra_key(self, ctx: RunContext) -> dict:
+        from ..runner import sha256_file
+
+        path = ctx.recipe.resolve(ctx.recipe.calibration.data.path)
+        return {"data": sha256_file(path) if path.is_file() else str(path)}
+
+    def run(self, ctx: RunContext, out: Path) -> dict:
+        from tqdm import tqdm
+
+        model = load_onnx(ctx.require("prepare", "model.onnx"), where="prepared model")
+        tensors = activation_tensors(model)
+        if not tensors:
+            raise StageError("calibrate: the prepared model has no float activations to calibrate")
+        instrumented = instrument(model, tensors)
+        session = make_session(instrumented.SerializeToString(), optimize=True)
+        names = list(tensors)
+        collector = StatsCollector(names)
+        data = open_dataset(ctx.recipe, "calibration")
+        bar = tqdm(data, total=len(data), desc="calibrate", unit="sample", disable=not ctx.progress, leave=False)
+        seen = 0
+        for batch in bar:
+            results = session.run(None, batch)
+            for index, name in enumerate(names):
+                lo, hi, sample = results[3 * index : 3 * index + 3]
+                lo, hi = float(lo), float(hi)
+                if not (np.isfinite(lo) and np.isfinite(hi)):
+                    raise DataError(
+                        f"calibration data, sample {seen}: activation '{name}' is NaN/inf; "
+                        "the model overflows on this input (check its preprocessing)"
+                    )
+                collector.update(name, sample, lo, hi)
+            seen += 1
+        collector.save(out / "stats.npz")
+        atomic_write(out / "tensors.json", dump_json({"samples": seen, "tensors": tensors}))
+        return {"samples": seen, "tensors": len(names)}
