@@ -33,7 +33,13 @@ def load_builder(recipe: Recipe):
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ModelError(f"model.builder: module '{module_name}' has no function '{func_name}'")
-    built = func(**recipe.model.args)
+    # A string argument naming a file next to the recipe is passed as an absolute path, so builders
+    # need not know where the recipe lives.
+    args = {
+        key: str(recipe.resolve(Path(value))) if isinstance(value, str) and recipe.resolve(Path(value)).exists() else value
+        for key, value in recipe.model.args.items()
+    }
+    built = func(**args)
     if not (isinstance(built, tuple) and len(built) == 2):
         raise ModelError(f"model.builder: {recipe.model.builder} must return (torch module, example inputs tuple)")
     module_obj, example = built

@@ -1,0 +1,81 @@
+"""The library entry points the CLI (and users' own scripts) call."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .gates import GateResult, raise_for_failures
+from .recipe import Recipe
+from .runner import Runner, Stage, StageOutcome
+
+__all__ = ["STAGES", "RunResult", "stage_by_name", "run_recipe", "run_stage"]
+
+
+# Stage name -> "module:class"; imported on use so that one stage's heavy imports never slow another.
+_STAGE_CLASSES = {
+    "export": "export:ExportStage",
+    "prepare": "prepare:PrepareStage",
+    "calibrate": "calibrate:CalibrateStage",
+    "quantize": "quantize:QuantizeStage",
+    "validate": "validate:ValidateStage",
+    "package": "package:PackageStage",
+}
+STAGES = tuple(_STAGE_CLASSES)
+
+
+def stage_by_name(name: str) -> Stage:
+    import importlib
+
+    module, _, cls = _STAGE_CLASSES[name].partition(":")
+    return getattr(importlib.import_module(f"pipeline.stages.{module}"), cls)()
+
+
+def _stages() -> list[Stage]:
+    return [stage_by_name(name) for name in STAGES]
+
+
+@dataclass
+class RunResult:
+    recipe: Recipe
+    run_dir: Path
+    outcomes: list[StageOutcome]
+
+    @property
+    def artifact(self) -> Path:
+        return self.run_dir / "artifact"
+
+    @property
+    def metrics(self) -> dict:
+        return json.loads((self.run_dir / "validate" / "metrics.json").read_text())
+
+    @property
+    def gates(self) -> list[GateResult]:
+        manifest = json.loads((self.artifact / "manifest.json").read_text())
+        return [GateResult(**g) for g in manifest["gates"]]
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    out: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    on_stage: Callable[[StageOutcome], None] | None = None,
+    check_gates: bool = True,
+) -> RunResult:
+    """Run every stage; raises `GateError` after the artifact and its report are written if a gate fails."""
+    run_dir = recipe.output_dir(out)
+    outcomes = Runner(recipe, run_dir, force=force, progress=progress, on_stage=on_stage).run(_stages())
+    result = RunResult(recipe, run_dir, outcomes)
+    if check_gates:
+        raise_for_failures(recipe.name, result.gates, str(result.artifact / "report.md"))
+    return result
+
+
+def run_stage(recipe: Recipe, stage: str, *, out: Path | None = None, force: bool = True, progress: bool = True):
+    """Run one stage alone over an existing run folder (earlier stages must have run)."""
+    run_dir = recipe.output_dir(out)
+    return Runner(recipe, run_dir, force=force, progress=progress).run([stage_by_name(stage)])[0]

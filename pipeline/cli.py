@@ -1,0 +1,144 @@
+"""`npu-pipeline`: a thin shell over the library. It parses, calls, prints, and maps errors to exit codes.
+
+Exit codes: 0 success; 2 bad input (recipe, data, model); 3 a stage failed; 4 an accuracy gate failed;
+5 the model breaks a hard NPU rule; 1 a bug (with its traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import PipelineError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="PyTorch or ONNX models to quantized, validated, deployable artifacts for AMD Ryzen AI NPUs.",
+)
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _user_errors(func):
+    """Print a PipelineError as one line on stderr and exit with its code; let real bugs show tracebacks."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except PipelineError as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(err.exit_code) from None
+
+    return wrapper
+
+
+def _echo_stage(outcome) -> None:
+    state = "cached (unchanged)" if outcome.cached else f"{outcome.record.seconds:.2f} s"
+    typer.echo(f"  {outcome.name:<10} {state}")
+
+
+OutOption = typer.Option(None, "--out", help="Run folder (default: the recipe's output, else build/<name>).")
+
+
+@app.command()
+@_user_errors
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    out: Optional[Path] = OutOption,
+    force: bool = typer.Option(False, "--force", help="Rerun every stage even when its inputs are unchanged."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Run every stage of RECIPE: export, prepare, calibrate, quantize, validate, package."""
+    from .api import run_recipe
+    from .errors import GateError
+    from .recipe import load_recipe
+    from .report import accuracy_rows, format_table
+
+    spec = load_recipe(recipe)
+    typer.echo(f"{spec.name}: {spec.output_dir(out)}")
+    try:
+        result = run_recipe(spec, out=out, force=force, progress=not quiet, on_stage=_echo_stage)
+        gate_error = None
+    except GateError as err:
+        from .api import RunResult
+
+        result, gate_error = RunResult(spec, spec.output_dir(out), []), err
+    typer.echo("")
+    typer.echo(format_table(("metric", "NPU (emulated)", "CPU EP"), accuracy_rows(result.metrics)))
+    for gate in result.gates:
+        typer.echo(f"gate {'pass' if gate.passed else 'FAIL'}: {gate.describe()}")
+    typer.echo(f"\nartifact: {result.artifact}\nreport:   {result.artifact / 'report.md'}")
+    if gate_error is not None:
+        raise gate_error
+
+
+def _stage_command(stage: str, doc: str):
+    @_user_errors
+    def command(
+        recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+        out: Optional[Path] = OutOption,
+    ) -> None:
+        from .api import run_stage
+        from .recipe import load_recipe
+
+        _echo_stage(run_stage(load_recipe(recipe), stage, out=out))
+
+    command.__doc__ = doc
+    app.command(name=stage)(command)
+
+
+for _stage, _doc in [
+    ("export", "Export the model to ONNX and check it against torch."),
+    ("prepare", "Static shapes, opset 17, folded constants and BatchNorm."),
+    ("calibrate", "Stream the calibration set and save activation statistics."),
+    ("quantize", "Quantize to the target's format from the saved statistics."),
+    ("validate", "Compare the quantized model with the float model on held-out data."),
+    ("package", "Write the deployable artifact: models, manifest, provider options, report."),
+]:
+    _stage_command(_stage, _doc)
+
+
+@app.command()
+@_user_errors
+def check(recipes: list[Path] = typer.Argument(..., help="Recipe YAML file(s).")) -> None:
+    """Validate recipes without running them (schema, target, format, data files)."""
+    from .errors import DataError
+    from .recipe import load_recipe
+    from .stages.quantize import resolve_format
+
+    for path in recipes:
+        spec = load_recipe(path)
+        target, fmt = resolve_format(spec)
+        for section in ("calibration", "validation"):
+            data = spec.resolve(getattr(spec, section).data.path)
+            if not data.exists():
+                raise DataError(f"{path}: {section}.data.path: {data} does not exist (run make data, or fix the path)")
+        typer.echo(f"ok  {path}: {spec.name} ({target.name}, {fmt.value})")
+
+
+@app.command()
+def recipes() -> None:
+    """List the shipped recipes."""
+    from .recipe import load_recipe
+
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        try:
+            spec = load_recipe(path)
+            typer.echo(f"{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}: {spec.description}")
+        except PipelineError as err:
+            typer.echo(f"{path}: INVALID ({err})")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,96 @@
+"""The human-readable report of an artifact (`report.md`) and the accuracy table the CLI prints."""
+
+from __future__ import annotations
+
+__all__ = ["render_markdown", "accuracy_rows", "format_table"]
+
+_ROWS = [
+    ("accuracy_float", "float accuracy (%)"),
+    ("accuracy", "quantized accuracy (%)"),
+    ("accuracy_drop", "accuracy drop (pt)"),
+    ("top1_agreement", "top-1 agreement with float (%)"),
+    ("cosine_mean", "cosine to float, mean"),
+    ("cosine_min", "cosine to float, min"),
+    ("nn_agreement", "nearest-neighbour agreement (%)"),
+    ("sqnr_db", "SQNR (dB)"),
+    ("max_abs_error", "max abs error"),
+]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
+def accuracy_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    """(metric, NPU-emulated value, CPU-EP value) for every metric that was measured."""
+    cpu = metrics.get("cpu_ep", {})
+    return [
+        (label, _fmt(metrics.get(key)), _fmt(cpu.get(key)) if key != "accuracy_float" else "")
+        for key, label in _ROWS
+        if key in metrics
+    ]
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], *, markdown: bool = False) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        return "\n".join(lines)
+    line = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
+
+
+def render_markdown(manifest: dict, metrics: dict, records: dict, inspection) -> str:
+    numerics = metrics.get("numerics", "")
+    lines = [
+        f"# {manifest['name']}: {manifest['format'].upper()} for {manifest['target']}",
+        "",
+        manifest.get("description") or "",
+        "",
+        f"Validated on {metrics.get('samples')} held-out samples ({metrics.get('task')}, output "
+        f"`{metrics.get('task_output')}`). NPU column: {numerics}, what the NPU computes. CPU-EP column: "
+        "the same model on onnxruntime's CPU kernels (fused int8, which saturate on x86 without VNNI).",
+        "",
+        "## Accuracy",
+        "",
+        format_table(("metric", "NPU (emulated)", "CPU EP"), accuracy_rows(metrics), markdown=True),
+        "",
+        "## Gates",
+        "",
+    ]
+    gates = manifest.get("gates", [])
+    if gates:
+        rows = [
+            (g["metric"], _fmt(g["value"]), _fmt(g["min"]), _fmt(g["max"]), "pass" if g["passed"] else "**FAIL**")
+            for g in gates
+        ]
+        lines.append(format_table(("metric", "value", "min", "max", "result"), rows, markdown=True))
+    else:
+        lines.append("No gates in the recipe.")
+    placement = manifest.get("placement", {})
+    lines += ["", "## Placement (predicted)", ""]
+    lines += [f"- {key.replace('_', ' ')}: {_fmt(value)}" for key, value in sorted(placement.items())]
+    cpu_nodes = [p for p in inspection.placement if p.device == "CPU"]
+    if cpu_nodes:
+        lines += ["", "Nodes predicted to fall back to the CPU:", ""]
+        lines += [f"- `{p.node}` ({p.op_type}): {p.reason}" for p in cpu_nodes[:50]]
+        if len(cpu_nodes) > 50:
+            lines.append(f"- ... and {len(cpu_nodes) - 50} more (see placement.json)")
+    outputs = metrics.get("outputs", {})
+    if len(outputs) > 1:
+        lines += ["", "## Per output", ""]
+        rows = [
+            (name, _fmt(m["cosine_mean"]), _fmt(m["sqnr_db"]), _fmt(m["max_abs_error"])) for name, m in outputs.items()
+        ]
+        lines.append(format_table(("output", "cosine mean", "SQNR (dB)", "max abs error"), rows, markdown=True))
+    lines += ["", "## Stages", ""]
+    rows = [(name, f"{rec.seconds:.2f}") for name, rec in records.items()]
+    lines.append(format_table(("stage", "seconds"), rows, markdown=True))
+    lines += ["", "## Files", ""]
+    lines += [f"- `{name}` sha256 `{digest}`" for name, digest in manifest["files"].items()]
+    return "\n".join(lines) + "\n"

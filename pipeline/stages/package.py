@@ -1,0 +1,105 @@
+"""Package: the deployable bundle in `<run>/artifact/`.
+
+    model.onnx            what the NPU runs (QDQ model; for BF16 the float32 model the EP converts)
+    model.float.onnx      the float reference it was validated against
+    vitisai_ep.json       VitisAI execution provider options for the target chip family
+    vitisai_config.json   BF16 compile options (BF16 only)
+    placement.json        predicted NPU/CPU placement and readiness (`npu-pipeline inspect`)
+    manifest.json         recipe, I/O signature, settings, metrics, gates, versions, sha256 of every file
+    report.md             what a person reads: accuracy, gates, placement, per-stage time
+
+Everything but `report.md` is deterministic (no timestamps, sorted keys), so two clean runs give
+byte-identical files; `report.md` holds wall-clock stage times and is therefore not hashed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..gates import evaluate_gates
+from ..onnx_utils import load_onnx
+from ..recipe import Format
+from ..runner import RunContext, Stage, atomic_write, dump_json, library_versions, sha256_file
+from .quantize import resolve_format
+
+__all__ = ["PackageStage", "STAGE_ORDER"]
+
+STAGE_ORDER = ("export", "prepare", "calibrate", "quantize", "validate")
+UNHASHED = {"report.md", "manifest.json", "stage.json"}
+
+
+def _signature(model) -> dict:
+    from onnx import helper
+
+    def describe(values):
+        return [
+            {
+                "name": v.name,
+                "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
+    init = {i.name for i in model.graph.initializer}
+    return {"inputs": describe([i for i in model.graph.input if i.name not in init]), "outputs": describe(model.graph.output)}
+
+
+class PackageStage(Stage):
+    name = "artifact"
+    sections = ("name", "description", "gates", "quantization")
+    after = ("prepare", "quantize", "validate")
+    revision = 1
+
+    def run(self, ctx: RunContext, out: Path) -> dict:
+        from ..inspect import inspect_model, write_json
+
+        recipe = ctx.recipe
+        target, fmt = resolve_format(recipe)
+        shutil.copyfile(ctx.require("quantize", "model.onnx"), out / "model.onnx")
+        shutil.copyfile(ctx.require("prepare", "model.onnx"), out / "model.float.onnx")
+        model_hash = sha256_file(out / "model.onnx")
+        options = target.provider_options(model_hash, fmt)
+        config = target.vitisai_config(fmt)
+        if config is not None:
+            atomic_write(out / "vitisai_config.json", dump_json(config))
+        atomic_write(out / "vitisai_ep.json", dump_json(options))
+        model = load_onnx(out / "model.onnx", where="quantized model")
+        inspection = inspect_model(model, target, fmt)
+        write_json(inspection, out / "placement.json")
+        metrics = json.loads(ctx.require("validate", "metrics.json").read_text())
+        gates = evaluate_gates(list(recipe.gates), metrics)
+        records = {name: ctx.record(name) for name in STAGE_ORDER}
+        quant_record = records["quantize"].metrics
+        files = {
+            p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name not in UNHASHED
+        }
+        manifest = {
+            "name": recipe.name,
+            "description": recipe.description,
+            "target": target.name,
+            "format": fmt.value,
+            "signature": _signature(model),
+            "quantization": {
+                **recipe.model_dump(mode="json")["quantization"],
+                "format": fmt.value,
+                "calibration_method": recipe.calibration.method.value,
+                "calibration_samples": records["calibrate"].metrics.get("samples"),
+                "excluded_nodes": quant_record.get("excluded_nodes", []),
+            },
+            "metrics": {k: v for k, v in metrics.items() if k != "outputs"},
+            "gates": [g.as_dict() for g in gates],
+            "gates_passed": all(g.passed for g in gates),
+            "placement": inspection.summary(),
+            "recipe": recipe.model_dump(mode="json"),
+            "versions": library_versions(),
+            "files": files,
+            "stage_keys": {name: rec.key for name, rec in records.items()},
+        }
+        atomic_write(out / "manifest.json", dump_json(manifest))
+        from ..report import render_markdown
+
+        atomic_write(out / "report.md", render_markdown(manifest, metrics, records, inspection))
+        return {"gates_passed": manifest["gates_passed"], "gates": manifest["gates"], "files": files}

@@ -1,0 +1,252 @@
+"""Quantize: the prepared float model to the target's format, from the calibrate stage's statistics.
+
+QDQ insertion is onnxruntime's (`QDQQuantizer`), fed with *our* ranges: its own calibrators are not run.
+What we decide is what to quantize and with which range:
+
+- operators: those the target runs on the NPU in this format (its operator table) that onnxruntime can
+  quantize; the rest stay float and the placement report says they fall back to the CPU;
+- the attention-mask path (float tensors computed from integer inputs by casts and constants) stays float:
+  quantizing it is how onnxruntime and Quark turn MiniLM's cosine into 0.35 and 0.25;
+- ranges: the recipe's method per tensor; Softmax inputs that carry an additive mask get a mask-aware range
+  (the masked spike is ignored, and the range is wide enough that clipped masked scores still vanish);
+- XINT8: power-of-two scales chosen by minimising quantization MSE, for activations and weights alike.
+
+BF16 needs no quantizer: the NPU compiles the float32 model to bfloat16 itself, so the artifact is the
+float model, and validation runs a copy that rounds to bfloat16 at every op boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RecipeError, StageError
+from ..onnx_utils import load_onnx, save_onnx
+from ..recipe import CalibMethod, Format, Recipe
+from ..runner import RunContext, Stage, atomic_write, dump_json
+from .. import stats as S
+
+__all__ = ["QuantizeStage", "FormatSpec", "FORMATS", "resolve_format", "mask_path_nodes"]
+
+# Ops onnxruntime's QDQ quantizer knows how to wrap; the target's table decides which of them we ask for.
+_COMPUTE_OPS = {
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Clip", "LeakyRelu",
+    "Sigmoid", "HardSigmoid", "Softmax", "AveragePool", "GlobalAveragePool", "MaxPool", "Concat", "Resize",
+    "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Pad", "Gather", "Where",
+    "Tanh", "Erf", "Pow", "Sqrt", "ReduceMean", "LayerNormalization", "InstanceNormalization",
+}
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """How a format is expressed with onnxruntime's quantizer."""
+
+    activation_bits: int
+    activation_type: str  # QuantType member name
+    weight_type: str
+    symmetric_activations: bool
+    per_channel: bool
+    power_of_two: bool
+    reduce_range: bool = False
+    contrib_ops: bool = False  # 16-bit Q/DQ at opset 17 live in the com.microsoft domain
+
+
+FORMATS: dict[Format, FormatSpec] = {
+    Format.XINT8: FormatSpec(8, "QInt8", "QInt8", True, False, True),
+    Format.A8W8: FormatSpec(8, "QInt8", "QInt8", True, False, False),
+    Format.A16W8: FormatSpec(16, "QInt16", "QInt8", True, False, False, contrib_ops=True),
+    # CPU: asymmetric uint8 activations, per-channel int8 weights; reduce_range keeps AVX2's u8s8
+    # kernels from saturating (the peers' 52.8% digits figure on this CPU).
+    Format.U8S8: FormatSpec(8, "QUInt8", "QInt8", False, True, False, reduce_range=True),
+}
+
+
+def resolve_format(recipe: Recipe):
+    """The target object and the format the recipe asks for (or the target's default)."""
+    from ..targets import get_target
+
+    target = get_target(recipe.quantization.target)
+    fmt = recipe.quantization.format or target.default_format
+    if fmt not in target.formats:
+        accepted = ", ".join(f.value for f in target.formats)
+        raise RecipeError(
+            f"quantization.format: target '{target.name}' does not take '{fmt.value}' (it takes: {accepted})"
+        )
+    return target, fmt
+
+
+def mask_path_nodes(model) -> set[str]:
+    """Nodes that compute float tensors from integer inputs by casts and elementwise constant math.
+
+    These build additive attention masks; they run once per input, not per layer, and carry -1e4 fills
+    that no 8-bit range can share with real activations.
+    """
+    from onnx import TensorProto
+
+    init = {i.name for i in model.graph.initializer}
+    int_inputs = {
+        i.name for i in model.graph.input
+        if i.name not in init and i.type.tensor_type.elem_type != TensorProto.FLOAT
+    }
+    passthrough = {"Cast", "Sub", "Mul", "Add", "Unsqueeze", "Reshape", "Expand", "Not", "Equal", "Where", "Neg"}
+    derived = set(int_inputs)
+    nodes = set()
+    for node in model.graph.node:  # graph is topologically sorted
+        dynamic = [i for i in node.input if i and i not in init]
+        if node.op_type in passthrough and dynamic and all(i in derived for i in dynamic):
+            derived.update(node.output)
+            nodes.add(node.name)
+    return nodes
+
+
+def _weight_pow2_overrides(model, spec: FormatSpec, quantized_ops: set[str]) -> dict:
+    """Power-of-two scale for every weight initializer of a quantized Conv/Gemm/MatMul (XINT8)."""
+    from onnx import numpy_helper
+
+    weights = {i.name: i for i in model.graph.initializer}
+    overrides = {}
+    for node in model.graph.node:
+        if node.op_type not in {"Conv", "ConvTranspose", "Gemm", "MatMul"} or node.op_type not in quantized_ops:
+            continue
+        for name in node.input[:2]:
+            if name in weights and name not in overrides:
+                values = numpy_helper.to_array(weights[name]).astype(np.float32).ravel()
+                stats = S.TensorStats.from_array(values)
+                scale = S.pow2_scale_mse(stats, num_bits=8)
+                overrides[name] = [{"scale": np.float32(scale), "zero_point": np.int8(0)}]
+    return overrides
+
+
+def choose_range(stats: "S.TensorStats", method: CalibMethod, *, bits: int, symmetric: bool, percentile: float):
+    """(lo, hi, method used) for one tensor."""
+    if method is CalibMethod.MINMAX:
+        lo, hi = S.minmax(stats)
+    elif method is CalibMethod.PERCENTILE:
+        lo, hi = S.percentile(stats, percentile, symmetric=symmetric)
+    elif method is CalibMethod.ENTROPY:
+        lo, hi = S.entropy(stats, num_bits=bits, symmetric=symmetric)
+    elif method is CalibMethod.MSE:
+        lo, hi = S.mse(stats, num_bits=bits, symmetric=symmetric)
+    else:
+        lo, hi, won = S.auto(stats, num_bits=bits, symmetric=symmetric)
+        return float(lo), float(hi), won
+    return float(lo), float(hi), method.value
+
+
+class QuantizeStage(Stage):
+    name = "quantize"
+    sections = ("quantization", "calibration")
+    after = ("prepare", "calibrate")
+
+    def run(self, ctx: RunContext, out: Path) -> dict:
+        target, fmt = resolve_format(ctx.recipe)
+        model = load_onnx(ctx.require("prepare", "model.onnx"), where="prepared model")
+        if fmt is Format.BF16:
+            return _bf16(ctx, model, out, target)
+        return _qdq(ctx, model, out, target, fmt)
+
+
+def _bf16(ctx: RunContext, model, out: Path, target) -> dict:
+    from ..bf16 import emulate_bf16
+
+    keep = set(ctx.recipe.quantization.exclude_nodes)
+    save_onnx(model, out / "model.onnx")
+    save_onnx(emulate_bf16(model, keep_float=keep), out / "emulated.onnx")
+    atomic_write(out / "ranges.json", dump_json({"format": "bf16", "tensors": {}}))
+    return {"format": "bf16", "target": target.name, "float_nodes": sorted(keep)}
+
+
+def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    recipe = ctx.recipe
+    spec = FORMATS[fmt]
+    collector = S.StatsCollector.load(ctx.require("calibrate", "stats.npz"))
+    present_ops = {n.op_type for n in model.graph.node}
+    op_types = sorted(op for op in present_ops & _COMPUTE_OPS if target.runs(op, fmt))
+    known_nodes = {n.name for n in model.graph.node}
+    unknown = sorted(set(recipe.quantization.exclude_nodes) - known_nodes)
+    if unknown:
+        raise RecipeError(f"quantization.exclude_nodes: no node named {', '.join(unknown)} in the prepared model")
+    mask_nodes = mask_path_nodes(model)
+    exclude = sorted(set(recipe.quantization.exclude_nodes) | mask_nodes)
+    softmax_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Softmax"}
+    symmetric = spec.symmetric_activations
+    ranges, methods, overrides = {}, {}, {}
+    for name in collector.names:
+        stats = collector[name]
+        if name in softmax_inputs and stats.min <= -1e3:
+            lo, hi, used = _masked_softmax_range(stats, recipe, spec)
+        else:
+            lo, hi, used = choose_range(
+                stats, recipe.calibration.method, bits=spec.activation_bits, symmetric=symmetric,
+                percentile=recipe.calibration.percentile,
+            )
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise StageError(f"quantize: range of '{name}' is not finite ({lo}, {hi})")
+        if spec.power_of_two:
+            scale = S.pow2_scale_mse(stats, num_bits=8)
+            overrides[name] = [{"scale": np.float32(scale), "zero_point": np.int8(0)}]
+            lo, hi = -128 * scale, 127 * scale
+        ranges[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+        methods[name] = {"lo": lo, "hi": hi, "method": used}
+    if spec.power_of_two:
+        overrides.update(_weight_pow2_overrides(model, spec, set(op_types)))
+    extra = {
+        "ActivationSymmetric": symmetric,
+        "WeightSymmetric": True,
+        "UseQDQContribOps": spec.contrib_ops,
+        "TensorQuantOverrides": overrides,
+        # Keep Relu/Clip as nodes: the NPU compiler fuses them; removing them needs asymmetric ranges.
+        "QDQKeepRemovableActivations": True,
+    }
+    quantizer = QDQQuantizer(
+        model,
+        spec.per_channel,
+        spec.reduce_range,
+        getattr(QuantType, spec.weight_type),
+        getattr(QuantType, spec.activation_type),
+        TensorsData(CalibrationMethod.MinMax, ranges),
+        None,
+        exclude,
+        op_types,
+        extra,
+    )
+    quantizer.quantize_model()
+    quantized = quantizer.model.model
+    save_onnx(quantized, out / "model.onnx")
+    atomic_write(out / "ranges.json", dump_json({"format": fmt.value, "tensors": methods}))
+    counts: dict[str, int] = {}
+    for node in quantized.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    won: dict[str, int] = {}
+    for entry in methods.values():
+        won[entry["method"]] = won.get(entry["method"], 0) + 1
+    return {
+        "format": fmt.value,
+        "target": target.name,
+        "op_types_quantized": op_types,
+        "excluded_nodes": exclude,
+        "mask_path_nodes": sorted(mask_nodes),
+        "range_methods": dict(sorted(won.items())),
+        "op_histogram": dict(sorted(counts.items())),
+    }
+
+
+def _masked_softmax_range(stats, recipe: Recipe, spec: FormatSpec):
+    """Range for a Softmax input that carries an additive mask (values near -1e4 at masked positions).
+
+    The masked spike is left out of the statistics; the symmetric range is then widened so that a masked
+    score, clipped to -range, still sits 16 below the largest real score: exp(-16) ~ 1e-7 of the mass.
+    """
+    real = stats.clipped_above(-1e3)
+    lo, hi, used = choose_range(
+        real, recipe.calibration.method, bits=spec.activation_bits, symmetric=True,
+        percentile=recipe.calibration.percentile,
+    )
+    bound = max(abs(lo), abs(hi), 16.0 - hi)
+    return -bound, bound, f"{used}+mask"
