@@ -101,6 +101,36 @@ class TensorStats:
         half = self.bins // 2
         return self.hist[half:] + self.hist[half - 1 :: -1]
 
+    @classmethod
+    def from_array(cls, values: np.ndarray, name: str = "", *, bins: int = DEFAULT_BINS) -> "TensorStats":
+        """Statistics of every value of one array (e.g. a weight), as a single update."""
+        x = np.asarray(values, dtype=np.float32).reshape(-1)
+        finite = np.isfinite(x)
+        stats = cls(name, bins=bins)
+        stats.nonfinite = int(x.size - np.count_nonzero(finite))
+        x = x[finite] if stats.nonfinite else x
+        if x.size:
+            stats.update(x, x.min(), x.max())
+        return stats
+
+    def clipped_above(self, threshold: float) -> "TensorStats":
+        """A copy holding only the values above `threshold` (e.g. without an attention mask's -1e4 spike).
+
+        Bins wholly at or below `threshold` are dropped. The new min is a bound, not exact: the larger of
+        `threshold` and the first kept bin's left edge. R and so the bin width stay as they are: a -1e4
+        spike leaves bins 16 wide for the values that remain.
+        """
+        kept = TensorStats(self.name, bins=self.bins)
+        kept.exponent, kept.updates, kept.nonfinite = self.exponent, self.updates, self.nonfinite
+        edges = self.edges()
+        kept.hist = np.where(edges[1:] <= threshold, 0, self.hist)
+        kept.n = int(kept.hist.sum())
+        if self.max > threshold:
+            first = np.flatnonzero(kept.hist)
+            left = edges[first[0]] if first.size else -math.inf
+            kept.min, kept.max = max(self.min, float(threshold), float(left)), self.max
+        return kept
+
     def update(self, sample: np.ndarray, lo: float, hi: float) -> None:
         """Add one calibration sample: a subsample of the tensor and the tensor's exact extremes."""
         # Activations are float32: a float64 value beyond float32's range is inf there, so it is here too.
@@ -264,7 +294,6 @@ class AutoChoice(NamedTuple):
     lo: float
     hi: float
     method: str  # "minmax", "percentile", "entropy" or "mse"
-    mse: float  # its expected quantization MSE
 
 
 def _check(stats: TensorStats) -> None:
@@ -503,7 +532,8 @@ def auto(
 ) -> AutoChoice:
     """Per tensor, the minmax / percentile(p) / entropy / mse range of lowest expected MSE.
 
-    A method within 0.1% of the best wins over a later one in that order (the simpler range).
+    Returns `(lo, hi, method)`. A method within 0.1% of the best wins over a later one in that order (the
+    simpler range); `expected_quant_mse` gives the winner's error.
     """
     candidates = {
         "minmax": minmax(stats, symmetric=symmetric),
@@ -517,7 +547,7 @@ def auto(
     }
     best = min(errors.values())
     name = next(n for n, e in errors.items() if e <= best * (1 + _AUTO_TOL))
-    return AutoChoice(*candidates[name], name, errors[name])
+    return AutoChoice(*candidates[name], name)
 
 
 def select_range(

@@ -111,6 +111,19 @@ def test_sample_outside_lo_hi_widens_the_range():
     assert (stats.min, stats.max) == (-5.0, 9.0) and stats.limit == 16.0
 
 
+def test_from_array_and_clipped_above():
+    values = np.concatenate([np.linspace(-10, 12, 1000), np.full(200, -1e4), [np.nan]]).astype(np.float32)
+    stats = S.TensorStats.from_array(values, "scores")
+    assert (stats.min, stats.max, stats.n, stats.nonfinite, stats.updates) == (-1e4, 12.0, 1200, 1, 1)
+    real = stats.clipped_above(-1e3)
+    assert real.n == 1000 and real.max == 12.0 and stats.n == 1200  # the original is untouched
+    assert -16.0 <= real.min <= -10.0  # a bound: bins are 16 wide with R = 2**14
+    assert S.minmax(real, symmetric=True) == (-16.0, 16.0)
+    np.testing.assert_array_equal(stats.clipped_above(-2e4).hist, stats.hist)
+    with pytest.raises(DataError):
+        S.minmax(stats.clipped_above(100.0))
+
+
 def test_bins_must_be_a_power_of_two():
     with pytest.raises(ValueError):
         S.TensorStats("t", bins=1000)
@@ -203,7 +216,8 @@ def test_auto_picks_lowest_mse(heavy, uniform):
     choice = S.auto(heavy, 8, symmetric=True)
     errors = {m: S.expected_quant_mse(heavy, *S.select_range(heavy, m, symmetric=True), symmetric=True)
               for m in ("minmax", "percentile", "entropy", "mse")}
-    assert choice.method in errors and choice.mse <= min(errors.values()) * 1.001
+    assert choice.method in errors and errors[choice.method] <= min(errors.values()) * 1.001
+    lo, hi, method = choice  # the quantize stage unpacks three values
     assert (choice.lo, choice.hi) == S.select_range(heavy, "auto", symmetric=True)
     assert S.auto(uniform, 8, symmetric=False).method == "minmax"  # ties go to the simplest method
 
