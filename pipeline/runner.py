@@ -39,6 +39,8 @@ from .recipe import Recipe
 __all__ = ["Stage", "RunContext", "StageRecord", "Runner", "library_versions", "sha256_file", "atomic_write"]
 
 RECORD = "stage.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def sha256_file(path: Path) -> str:
@@ -56,6 +58,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -204,6 +207,7 @@ class Runner:
         if not self.force and existing is not None and existing.key == key:
             return StageOutcome(stage.name, existing, cached=True)
         scratch = Path(tempfile.mkdtemp(dir=self.ctx.run_dir, prefix=f".{stage.name}."))
+        os.chmod(scratch, 0o777 & ~_UMASK)
         try:
             start = time.perf_counter()
             try:

@@ -19,11 +19,11 @@ import numpy as np
 
 from ..data import open_dataset
 from ..errors import DataError, StageError
-from ..onnx_utils import load_onnx, make_session, save_onnx
+from ..onnx_utils import load_onnx, make_session
 from ..runner import RunContext, Stage, atomic_write, dump_json
 from ..stats import StatsCollector
 
-__all__ = ["CalibrateStage", "activation_tensors", "instrument", "SAMPLE_SIZE"]
+__all__ = ["CalibrateStage", "activation_tensors", "collect_statistics", "instrument", "SAMPLE_SIZE"]
 
 SAMPLE_SIZE = 4096
 
@@ -109,31 +109,35 @@ class CalibrateStage(Stage):
         return {"data": sha256_file(path) if path.is_file() else str(path)}
 
     def run(self, ctx: RunContext, out: Path) -> dict:
-        from tqdm import tqdm
-
         model = load_onnx(ctx.require("prepare", "model.onnx"), where="prepared model")
-        tensors = activation_tensors(model)
-        if not tensors:
-            raise StageError("calibrate: the prepared model has no float activations to calibrate")
-        instrumented = instrument(model, tensors)
-        session = make_session(instrumented.SerializeToString(), optimize=True)
-        names = list(tensors)
-        collector = StatsCollector(names)
         data = open_dataset(ctx.recipe, "calibration")
-        bar = tqdm(data, total=len(data), desc="calibrate", unit="sample", disable=not ctx.progress, leave=False)
-        seen = 0
-        for batch in bar:
-            results = session.run(None, batch)
-            for index, name in enumerate(names):
-                lo, hi, sample = results[3 * index : 3 * index + 3]
-                lo, hi = float(lo), float(hi)
-                if not (np.isfinite(lo) and np.isfinite(hi)):
-                    raise DataError(
-                        f"calibration data, sample {seen}: activation '{name}' is NaN/inf; "
-                        "the model overflows on this input (check its preprocessing)"
-                    )
-                collector.update(name, sample, lo, hi)
-            seen += 1
+        collector = collect_statistics(model, data, progress=ctx.progress)
         collector.save(out / "stats.npz")
-        atomic_write(out / "tensors.json", dump_json({"samples": seen, "tensors": tensors}))
-        return {"samples": seen, "tensors": len(names)}
+        tensors = activation_tensors(model)
+        atomic_write(out / "tensors.json", dump_json({"samples": collector.count, "tensors": tensors}))
+        return {"samples": collector.count, "tensors": len(tensors)}
+
+
+def collect_statistics(model, data, *, progress: bool = True) -> StatsCollector:
+    """One streaming pass of `data` through `model`, returning every float activation's statistics."""
+    from tqdm import tqdm
+
+    tensors = activation_tensors(model)
+    if not tensors:
+        raise StageError("calibrate: the prepared model has no float activations to calibrate")
+    session = make_session(instrument(model, tensors).SerializeToString(), optimize=True)
+    names = list(tensors)
+    collector = StatsCollector(names)
+    bar = tqdm(data, total=len(data), desc="calibrate", unit="sample", disable=not progress, leave=False)
+    for seen, batch in enumerate(bar):
+        results = session.run(None, batch)
+        for index, name in enumerate(names):
+            lo, hi, sample = results[3 * index : 3 * index + 3]
+            lo, hi = float(lo), float(hi)
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                raise DataError(
+                    f"calibration data, sample {seen}: activation '{name}' is NaN/inf; "
+                    "the model overflows on this input (check its preprocessing)"
+                )
+            collector.update(name, sample, lo, hi)
+    return collector

@@ -122,7 +122,7 @@ def _weight_pow2_overrides(model, spec: FormatSpec, quantized_ops: set[str]) -> 
 def choose_range(stats: "S.TensorStats", method: CalibMethod, *, bits: int, symmetric: bool, percentile: float):
     """(lo, hi, method used) for one tensor."""
     if method is CalibMethod.MINMAX:
-        lo, hi = S.minmax(stats)
+        lo, hi = S.minmax(stats, symmetric=symmetric)
     elif method is CalibMethod.PERCENTILE:
         lo, hi = S.percentile(stats, percentile, symmetric=symmetric)
     elif method is CalibMethod.ENTROPY:
@@ -217,6 +217,8 @@ def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
         extra,
     )
     quantizer.quantize_model()
+    # The quantizer appends the graph-input Q/DQ pairs last; ONNX requires topological order.
+    quantizer.model.topological_sort()
     quantized = quantizer.model.model
     save_onnx(quantized, out / "model.onnx")
     atomic_write(out / "ranges.json", dump_json({"format": fmt.value, "tensors": methods}))
