@@ -235,6 +235,18 @@ def test_bf16_casts_are_detected_and_go_with_their_compute():
     assert sorted(p.node for p in result.attached) == ["to_bf16", "to_f32"]
 
 
+def test_com_microsoft_16_bit_qdq_is_a16w8_with_known_shapes():
+    """onnxruntime writes 16-bit Q/DQ in the com.microsoft domain, which onnx shape inference skips."""
+    model = qdq_cnn(act=TensorProto.INT16, scale=0.3)
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            node.domain = "com.microsoft"
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    result = inspect_model(model, "xdna2")
+    assert result.detected_format is Format.A16W8 and result.ok, result.violations
+    assert result.total_macs == CONV1_MACS + CONV2_MACS and result.npu_macs == result.total_macs
+
+
 # --- placement, MACs, transitions ---------------------------------------------------------------
 
 
@@ -323,6 +335,16 @@ def test_xdna1_runs_a_model_with_one_conv_on_the_cpu():
     assert result.ok and [p.device for p in result.placement] == ["CPU"]
     assert ("min-conv", "<model>") in rules(result, "warnings")
     assert inspect_model(qdq_cnn(), "xdna1").npu_node_share == pytest.approx(2 / 3)  # the float Identity
+
+
+def test_activation_between_a_conv_and_its_q_is_fused():
+    b = QDQ(scale=0.3)
+    b.conv(b.qdq("x", tag="in"), "conv1", (4, 3, 3, 3))
+    b.nodes.append(helper.make_node("Relu", ["conv1"], ["r"], name="relu"))
+    h = b.qdq(b.conv(b.qdq("r"), "conv2", (2, 4, 3, 3)))
+    result = inspect_model(b.model(h, (1, 2, 8, 8)), "xdna2")
+    assert {p.node: p.device for p in result.placement} == {"conv1": "NPU", "relu": "NPU", "conv2": "NPU"}
+    assert result.transitions == 0 and result.npu_node_share == 1.0
 
 
 def test_data_movement_between_npu_nodes_stays_on_the_npu():
