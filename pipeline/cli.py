@@ -123,6 +123,68 @@ def check(recipes: list[Path] = typer.Argument(..., help="Recipe YAML file(s).")
         typer.echo(f"ok  {path}: {spec.name} ({target.name}, {fmt.value})")
 
 
+@app.command(name="inspect")
+@_user_errors
+def inspect_command(
+    model: Path = typer.Argument(..., help="ONNX model (float or quantized)."),
+    target: str = typer.Option("xdna2", "--target", "-t", help="xdna1, xdna2 or cpu."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="xint8, a8w8, a16w8, bf16, u8s8 (default: detected)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the inspection as JSON here."),
+) -> None:
+    """Check NPU readiness and predict which nodes run on the NPU and which fall back to the CPU."""
+    from .inspect import inspect_model, write_json
+
+    inspection = inspect_model(model, target, fmt)
+    typer.echo(inspection.table())
+    if json_out is not None:
+        write_json(inspection, json_out)
+        typer.echo(f"written: {json_out}")
+    inspection.raise_for_violations()
+
+
+@app.command()
+@_user_errors
+def verify(bundle: Path = typer.Argument(..., help="An artifact folder written by 'run' or 'package'.")) -> None:
+    """Re-check every hash of a bundle and the NPU readiness rules of its model."""
+    from .bundle import verify_bundle
+
+    result = verify_bundle(bundle)
+    summary = result.inspection.summary()
+    typer.echo(
+        f"ok  {bundle}: {result.files_checked} files match manifest.json; no NPU rule broken; "
+        f"NPU share {summary['npu_node_share']:.1%} of nodes, {summary['npu_mac_share']:.1%} of MACs"
+    )
+
+
+@app.command()
+@_user_errors
+def infer(
+    bundle: Path = typer.Argument(..., help="An artifact folder."),
+    input: Path = typer.Option(..., "--input", "-i", help=".npz with one array per model input."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the outputs to this .npz."),
+    npu_numerics: bool = typer.Option(False, "--npu-numerics", help="On the CPU, compute as the NPU does."),
+) -> None:
+    """Run a bundle: with the VitisAI EP where onnxruntime offers it, on the CPU otherwise."""
+    import numpy as np
+
+    from .bundle import infer_bundle
+    from .runner import atomic_write
+
+    outputs, provider = infer_bundle(bundle, input, npu_numerics=npu_numerics)
+    typer.echo(f"ran on: {provider}")
+    for name, value in outputs.items():
+        flat = value.reshape(-1)
+        preview = ", ".join(f"{v:.4g}" for v in flat[:6]) + (", ..." if flat.size > 6 else "")
+        typer.echo(f"{name}: {value.dtype}{list(value.shape)} [{preview}]")
+    if output is not None:
+        import io
+
+        buffer = io.BytesIO()
+        np.savez(buffer, **outputs)
+        atomic_write(output, buffer.getvalue())
+        typer.echo(f"written: {output}")
+
+
 @app.command()
 def recipes() -> None:
     """List the shipped recipes."""

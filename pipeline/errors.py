@@ -14,6 +14,7 @@ __all__ = [
     "StageError",
     "ReadinessError",
     "GateError",
+    "ArtifactError",
 ]
 
 
@@ -57,3 +58,9 @@ class GateError(PipelineError):
     """An accuracy gate of the recipe failed. The report is written before this is raised."""
 
     exit_code = 4
+
+
+class ArtifactError(PipelineError):
+    """A bundle is incomplete or was modified after packaging (a hash does not match its manifest)."""
+
+    exit_code = 6
