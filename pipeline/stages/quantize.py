@@ -17,6 +17,7 @@ float model, and validation runs a copy that rounds to bfloat16 at every op boun
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from ..recipe import CalibMethod, Format, Recipe
 from ..runner import RunContext, Stage, atomic_write, dump_json
 from .. import stats as S
 
-__all__ = ["QuantizeStage", "FormatSpec", "FORMATS", "resolve_format", "mask_path_nodes"]
+__all__ = ["QuantizeStage", "FormatSpec", "FORMATS", "resolve_format", "mask_path_nodes", "quantize_qdq", "choose_range"]
 
 # Ops onnxruntime's QDQ quantizer knows how to wrap; the target's table decides which of them we ask for.
 _COMPUTE_OPS = {
@@ -85,20 +86,50 @@ def mask_path_nodes(model) -> set[str]:
     """
     from onnx import TensorProto
 
-    init = {i.name for i in model.graph.initializer}
+    init = {i.name: i for i in model.graph.initializer}
     int_inputs = {
         i.name for i in model.graph.input
         if i.name not in init and i.type.tensor_type.elem_type != TensorProto.FLOAT
     }
-    passthrough = {"Cast", "Sub", "Mul", "Add", "Unsqueeze", "Reshape", "Expand", "Not", "Equal", "Where", "Neg"}
+    passthrough = {
+        "Cast", "Sub", "Mul", "Add", "Unsqueeze", "Reshape", "Expand", "Not", "Equal", "Where", "Neg",
+        "Flatten", "Gather", "And", "Or",
+    }
+
+    def is_float_weight(name: str) -> bool:
+        # Scalars (the -1e4 fill, 1.0) are mask constants; a float tensor (an embedding table) is a weight.
+        t = init.get(name)
+        return t is not None and t.data_type == TensorProto.FLOAT and int(np.prod(t.dims)) > 1
+
     derived = set(int_inputs)
     nodes = set()
     for node in model.graph.node:  # graph is topologically sorted
         dynamic = [i for i in node.input if i and i not in init]
-        if node.op_type in passthrough and dynamic and all(i in derived for i in dynamic):
+        if (
+            node.op_type in passthrough
+            and dynamic
+            and all(i in derived for i in dynamic)
+            and not any(is_float_weight(i) for i in node.input)
+        ):
             derived.update(node.output)
             nodes.add(node.name)
     return nodes
+
+
+def _masked_softmax_inputs(model, mask_nodes: set[str]) -> dict[str, str]:
+    """Softmax inputs made by Add(scores, mask) with the mask from the mask path: {input: scores}."""
+    mask_tensors = {o for n in model.graph.node if n.name in mask_nodes for o in n.output}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    found = {}
+    for node in model.graph.node:
+        add = producers.get(node.input[0]) if node.op_type == "Softmax" else None
+        if add is not None and add.op_type == "Add":
+            a, b = add.input
+            if b in mask_tensors:
+                found[node.input[0]] = a
+            elif a in mask_tensors:
+                found[node.input[0]] = b
+    return found
 
 
 def _weight_pow2_overrides(model, spec: FormatSpec, quantized_ops: set[str]) -> dict:
@@ -159,47 +190,78 @@ def _bf16(ctx: RunContext, model, out: Path, target) -> dict:
 
 
 def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
+    recipe = ctx.recipe
+    collector = S.StatsCollector.load(ctx.require("calibrate", "stats.npz"))
+    quantized, ranges, info = quantize_qdq(
+        model,
+        collector,
+        target=target,
+        fmt=fmt,
+        method=recipe.calibration.method,
+        percentile=recipe.calibration.percentile,
+        exclude_nodes=recipe.quantization.exclude_nodes,
+    )
+    save_onnx(quantized, out / "model.onnx")
+    atomic_write(out / "ranges.json", dump_json({"format": fmt.value, "tensors": ranges}))
+    return info
+
+
+def quantize_qdq(
+    model,
+    collector: "S.StatsCollector",
+    *,
+    target,
+    fmt: Format,
+    method: CalibMethod,
+    percentile: float = 99.999,
+    exclude_nodes: Iterable[str] = (),
+    promote: Mapping[str, int] | None = None,
+):
+    """QDQ-quantize `model` with ranges from `collector`; returns (model, ranges by tensor, info).
+
+    `exclude_nodes` stay float (they run on the CPU). `promote` maps activation tensors to a wider
+    integer (16 bits): the accuracy-aware fallback's first step before giving a node up to the CPU.
+    """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
-    recipe = ctx.recipe
     spec = FORMATS[fmt]
-    collector = S.StatsCollector.load(ctx.require("calibrate", "stats.npz"))
+    promote = dict(promote or {})
     present_ops = {n.op_type for n in model.graph.node}
     op_types = sorted(op for op in present_ops & _COMPUTE_OPS if target.runs(op, fmt))
     known_nodes = {n.name for n in model.graph.node}
-    unknown = sorted(set(recipe.quantization.exclude_nodes) - known_nodes)
+    unknown = sorted(set(exclude_nodes) - known_nodes)
     if unknown:
         raise RecipeError(f"quantization.exclude_nodes: no node named {', '.join(unknown)} in the prepared model")
     mask_nodes = mask_path_nodes(model)
-    exclude = sorted(set(recipe.quantization.exclude_nodes) | mask_nodes)
-    softmax_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Softmax"}
+    exclude = sorted(set(exclude_nodes) | mask_nodes)
+    masked_scores = _masked_softmax_inputs(model, mask_nodes)
     symmetric = spec.symmetric_activations
     ranges, methods, overrides = {}, {}, {}
     for name in collector.names:
         stats = collector[name]
-        if name in softmax_inputs and stats.min <= -1e3:
-            lo, hi, used = _masked_softmax_range(stats, recipe, spec)
+        bits = promote.get(name, spec.activation_bits)
+        if name in masked_scores and masked_scores[name] in collector:
+            lo, hi, used = _masked_softmax_range(collector[masked_scores[name]], method, percentile, bits)
         else:
-            lo, hi, used = choose_range(
-                stats, recipe.calibration.method, bits=spec.activation_bits, symmetric=symmetric,
-                percentile=recipe.calibration.percentile,
-            )
+            lo, hi, used = choose_range(stats, method, bits=bits, symmetric=symmetric, percentile=percentile)
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise StageError(f"quantize: range of '{name}' is not finite ({lo}, {hi})")
-        if spec.power_of_two:
+        if spec.power_of_two and bits == 8:
             scale = S.pow2_scale_mse(stats, num_bits=8)
             overrides[name] = [{"scale": np.float32(scale), "zero_point": np.int8(0)}]
             lo, hi = -128 * scale, 127 * scale
+        elif bits != spec.activation_bits:
+            overrides[name] = [{"quant_type": QuantType.QInt16}]
         ranges[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
-        methods[name] = {"lo": lo, "hi": hi, "method": used}
+        methods[name] = {"lo": lo, "hi": hi, "method": used, "bits": bits}
     if spec.power_of_two:
         overrides.update(_weight_pow2_overrides(model, spec, set(op_types)))
     extra = {
         "ActivationSymmetric": symmetric,
         "WeightSymmetric": True,
-        "UseQDQContribOps": spec.contrib_ops,
+        "UseQDQContribOps": spec.contrib_ops or any(b == 16 for b in promote.values()),
         "TensorQuantOverrides": overrides,
         # Keep Relu/Clip as nodes: the NPU compiler fuses them; removing them needs asymmetric ranges.
         "QDQKeepRemovableActivations": True,
@@ -220,35 +282,32 @@ def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
     # The quantizer appends the graph-input Q/DQ pairs last; ONNX requires topological order.
     quantizer.model.topological_sort()
     quantized = quantizer.model.model
-    save_onnx(quantized, out / "model.onnx")
-    atomic_write(out / "ranges.json", dump_json({"format": fmt.value, "tensors": methods}))
     counts: dict[str, int] = {}
     for node in quantized.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     won: dict[str, int] = {}
     for entry in methods.values():
         won[entry["method"]] = won.get(entry["method"], 0) + 1
-    return {
+    info = {
         "format": fmt.value,
         "target": target.name,
         "op_types_quantized": op_types,
         "excluded_nodes": exclude,
         "mask_path_nodes": sorted(mask_nodes),
+        "promoted_to_16_bits": sorted(t for t, b in promote.items() if b == 16),
         "range_methods": dict(sorted(won.items())),
         "op_histogram": dict(sorted(counts.items())),
     }
+    return quantized, methods, info
 
 
-def _masked_softmax_range(stats, recipe: Recipe, spec: FormatSpec):
-    """Range for a Softmax input that carries an additive mask (values near -1e4 at masked positions).
+def _masked_softmax_range(scores, method: CalibMethod, percentile: float, bits: int):
+    """Range for a Softmax input that carries an additive mask (Add(scores, mask) -> Softmax).
 
-    The masked spike is left out of the statistics; the symmetric range is then widened so that a masked
-    score, clipped to -range, still sits 16 below the largest real score: exp(-16) ~ 1e-7 of the mass.
+    The range comes from the scores before the mask was added (the Add's other input), so the -1e4
+    spike of masked positions does not set the scale; it is then widened so that a masked score,
+    clipped to -range, still sits 16 below the largest real score: exp(-16) ~ 1e-7 of the mass.
     """
-    real = stats.clipped_above(-1e3)
-    lo, hi, used = choose_range(
-        real, recipe.calibration.method, bits=spec.activation_bits, symmetric=True,
-        percentile=recipe.calibration.percentile,
-    )
+    lo, hi, used = choose_range(scores, method, bits=bits, symmetric=True, percentile=percentile)
     bound = max(abs(lo), abs(hi), 16.0 - hi)
     return -bound, bound, f"{used}+mask"
