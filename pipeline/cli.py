@@ -186,6 +186,35 @@ def infer(
 
 
 @app.command()
+@_user_errors
+def batch(
+    paths: Optional[list[Path]] = typer.Argument(None, help="Recipe files and/or folders (default: the shipped recipes)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Recipes converted at once, each in its own process."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: only the i-th of n slices (1-based) of the sorted list."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here (one testcase per recipe)."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Write the summary as JSON here."),
+    force: bool = typer.Option(False, "--force", help="Rerun every stage even when its inputs are unchanged."),
+    out_root: Optional[Path] = typer.Option(None, "--out-root", help="Run folders go to DIR/<name>."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per recipe before its worker is killed."),
+) -> None:
+    """Convert many recipes in parallel worker processes; exit 0 only if all pass (see pipeline/batch.py)."""
+    from .batch import run_batch
+
+    def progress(outcome) -> None:
+        typer.echo(f"{outcome.status:<6} {outcome.name} ({outcome.seconds:.1f} s){f': {outcome.message}' if outcome.message else ''}")
+
+    result = run_batch(paths or [RECIPES_DIR], jobs=jobs, shard=shard, out_root=out_root, force=force,
+                       timeout=timeout, on_done=progress)
+    typer.echo("")
+    typer.echo(result.table())
+    for path, write in ((summary, result.write_summary), (junit, result.write_junit)):
+        if path is not None:
+            write(path)
+            typer.echo(f"written: {path}")
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
 def recipes() -> None:
     """List the shipped recipes."""
     from .recipe import load_recipe

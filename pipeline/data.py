@@ -81,6 +81,9 @@ def open_dataset(recipe: Recipe, section: str, *, limit: int | None = None) -> D
 
 
 def _npz_source(path: Path, data: NpzData, inputs: list[InputSpec], limit: int, section: str) -> DataSource:
+    if path.is_file() and not zipfile.is_zipfile(path):
+        # Checked first: for a non-zip file np.load's own message suggests enabling pickle.
+        raise DataError(f"{section}.data.path: {path} is not a .npz file (not a zip archive; write it with numpy.savez)")
     try:
         archive = np.load(path, allow_pickle=False, mmap_mode="r")
         keys = set(archive.files)
@@ -95,10 +98,7 @@ def _npz_source(path: Path, data: NpzData, inputs: list[InputSpec], limit: int, 
                 f"{section}.data: {path} has no array '{key}' for input '{spec.name}' "
                 f"(it has: {', '.join(sorted(keys)) or 'nothing'}); set data.arrays.{spec.name}"
             )
-        try:
-            arrays[spec.name] = archive[key]
-        except ValueError as err:  # object arrays need pickle: refused
-            raise DataError(f"{section}.data: {path}: array '{key}' cannot be read without pickle ({err})") from None
+        arrays[spec.name] = _read_member(archive, key, path, section)
         if arrays[spec.name].ndim == 0 or list(arrays[spec.name].shape[1:]) != spec.shape[1:]:
             raise DataError(
                 f"{section}.data: {path}: array '{key}' has shape {list(arrays[spec.name].shape)}; "
@@ -112,10 +112,15 @@ def _npz_source(path: Path, data: NpzData, inputs: list[InputSpec], limit: int, 
     if data.labels is not None:
         if data.labels not in keys:
             raise DataError(f"{section}.data.labels: {path} has no array '{data.labels}'")
-        labels = np.asarray(archive[data.labels])
+        labels = np.asarray(_read_member(archive, data.labels, path, section))
     count = min(limit, total // batch_size)
     if count == 0:
         raise DataError(f"{section}.data: {path} holds no samples (need at least {batch_size})")
+    if labels is not None and (labels.ndim == 0 or len(labels) < count * batch_size):
+        raise DataError(
+            f"{section}.data.labels: {path}: array '{data.labels}' holds {labels.size if labels.ndim else 0} labels "
+            f"for {count * batch_size} samples (one label per sample, sample axis first)"
+        )
 
     def batches() -> Iterator[Batch]:
         for i in range(count):
@@ -125,6 +130,15 @@ def _npz_source(path: Path, data: NpzData, inputs: list[InputSpec], limit: int, 
     if labels is not None:
         labels = labels[: count * batch_size]
     return DataSource(f"{path.name}", inputs, count, batches, labels)
+
+
+def _read_member(archive, key: str, path: Path, section: str) -> np.ndarray:
+    try:
+        return archive[key]
+    except ValueError as err:  # object arrays need pickle: refused
+        raise DataError(f"{section}.data: {path}: array '{key}' cannot be read without pickle ({err})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as err:  # a damaged member (bad CRC, cut short)
+        raise DataError(f"{section}.data: {path}: array '{key}' is damaged ({err}); rewrite the file") from None
 
 
 def resolve_resource(spec: str, recipe: Recipe) -> Path:
@@ -157,7 +171,11 @@ def _text_source(path: Path, data: TextData, recipe: Recipe, limit: int, section
     tokenizer = Tokenizer.from_file(str(resolve_resource(data.tokenizer, recipe)))
     tokenizer.enable_truncation(max_length=seq_len)
     tokenizer.enable_padding(length=seq_len)
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as err:
+        raise DataError(f"{section}.data.path: {path} is not readable UTF-8 text ({err})") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise DataError(f"{section}.data.path: {path} holds no sentences")
     lines = lines[:limit]

@@ -152,6 +152,26 @@ class QuantizationSettings(_Strict):
     cross_layer_equalization: bool = False
     bias_correction: bool = False
 
+    # Checked at load time, so a typo fails before any stage runs (targets imports this module: lazy import).
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, name: str) -> str:
+        from .targets import get_target
+
+        get_target(name)  # TargetError is a ValueError: reported with this field's path
+        return name
+
+    @field_validator("format")
+    @classmethod
+    def _format_accepted(cls, fmt: Format | None, info) -> Format | None:
+        from .targets import TARGETS
+
+        target = TARGETS.get(str(info.data.get("target", "")).strip().lower())
+        if fmt is not None and target is not None and fmt not in target.formats:
+            accepted = ", ".join(f.value for f in target.formats)
+            raise ValueError(f"target '{target.name}' does not take '{fmt.value}' (it takes: {accepted})")
+        return fmt
+
 
 Metric = Literal[
     "accuracy",
@@ -232,9 +252,15 @@ def _format_errors(source: str, err: ValidationError) -> str:
             msg = "unknown key (remove it, or check its spelling against the README's recipe reference)"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif e["type"] == "value_error":
+            msg = str(e["ctx"]["error"])  # our own message, without pydantic's "Value error, " prefix
+        elif e["type"] in ("enum", "literal_error"):
+            msg = f"{msg}; got {e['input']!r}"
         lines.append(f"  {loc or '<top>'}: {msg}")
     n = len(lines)
-    return f"{source}: {n} error{'s' if n > 1 else ''} in recipe:\n" + "\n".join(lines)
+    if n == 1:  # one problem, one line
+        return f"{source}: {lines[0].strip()}"
+    return f"{source}: {n} errors in recipe:\n" + "\n".join(lines)
 
 
 def recipe_from_dict(data: object, *, source: str = "<recipe>", base_dir: Path = Path(".")) -> Recipe:
@@ -254,7 +280,10 @@ def load_recipe(path: Path | str) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise RecipeError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        mark = getattr(err, "problem_mark", None)  # where the parser gave up: the line to look at
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{path}: not valid YAML: {where}{problem}") from None
     if "base_dir" in (data or {}) if isinstance(data, dict) else False:
         raise RecipeError(f"{path}: base_dir: unknown key (remove it)")
     return recipe_from_dict(data, source=str(path), base_dir=path.resolve().parent)

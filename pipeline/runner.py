@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -166,13 +167,33 @@ class StageOutcome:
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Exclusive lock on a run folder: a second process converting the same recipe waits its turn."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a+") as handle:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / ".lock", "a+")
+    except OSError as err:  # a parent is a file, a read-only mount, no permission...
+        raise PipelineError(
+            f"output folder {run_dir}: cannot write there ({err.strerror or err}); "
+            "choose another --out or fix the recipe's output"
+        ) from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(run_dir: Path, stage: str) -> None:
+    """A killed run's scratch and trash folders of one stage (`.<stage>.<mkdtemp suffix>`, `.<stage>.old.<pid>`).
+
+    Called under the run lock, so no live process is writing them. The pattern is exact because `--out`
+    may name a folder that also holds the user's own hidden files. Stage folders themselves are complete
+    or absent by construction (see `_swap_into_place`).
+    """
+    pattern = re.compile(rf"\.{re.escape(stage)}\.(old\.\d+|[a-z0-9_]{{8}})")
+    for entry in run_dir.iterdir():
+        if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 class Runner:
@@ -201,6 +222,7 @@ class Runner:
         return outcomes
 
     def _run_one(self, stage: Stage) -> StageOutcome:
+        _remove_leftovers(self.ctx.run_dir, stage.name)
         final = self.ctx.stage_dir(stage.name)
         key = stage.key(self.ctx)
         existing = StageRecord.load(final)
