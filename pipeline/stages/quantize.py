@@ -146,8 +146,13 @@ def _weight_pow2_overrides(model, spec: FormatSpec, quantized_ops: set[str]) -> 
                 values = numpy_helper.to_array(weights[name]).astype(np.float32).ravel()
                 stats = S.TensorStats.from_array(values)
                 scale = S.pow2_scale_mse(stats, num_bits=8)
-                overrides[name] = [{"scale": np.float32(scale), "zero_point": np.int8(0)}]
+                overrides[name] = [_pow2_override(scale)]
     return overrides
+
+
+def _pow2_override(scale: float) -> dict:
+    # 0-d arrays: onnxruntime (1.32 here) rejects numpy scalars (np.float32, np.int8) in TensorQuantOverrides.
+    return {"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}
 
 
 def choose_range(stats: "S.TensorStats", method: CalibMethod, *, bits: int, symmetric: bool, percentile: float):
@@ -250,7 +255,7 @@ def quantize_qdq(
             raise StageError(f"quantize: range of '{name}' is not finite ({lo}, {hi})")
         if spec.power_of_two and bits == 8:
             scale = S.pow2_scale_mse(stats, num_bits=8)
-            overrides[name] = [{"scale": np.float32(scale), "zero_point": np.int8(0)}]
+            overrides[name] = [_pow2_override(scale)]
             lo, hi = -128 * scale, 127 * scale
         elif bits != spec.activation_bits:
             overrides[name] = [{"quant_type": QuantType.QInt16}]
