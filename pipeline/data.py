@@ -76,6 +76,8 @@ def open_dataset(recipe: Recipe, section: str, *, limit: int | None = None) -> D
     if isinstance(data, ImageData):
         from .images import image_source  # Pillow only where images are used
 
+        if data.labels is not None:  # relative to the recipe's folder, like every recipe path
+            data = data.model_copy(update={"labels": recipe.resolve(data.labels)})
         return image_source(path, data, recipe.inputs, limit, section)
     raise DataError(f"{section}.data.kind: unsupported data kind")  # pragma: no cover - schema forbids it
 

@@ -1,0 +1,220 @@
+"""Calibration and validation data from a folder of PNG/JPEG images, with the preprocessing the recipe declares.
+
+    calibration:
+      data: {kind: images, path: ../images/calib, size: [224, 224], layout: nchw, channels: rgb,
+             scale: 0.00392156862745098, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225],
+             labels: ../images/labels.csv}
+
+Per image, in this order: decode with Pillow; convert to the declared channels (`rgb`, `bgr`, `gray`;
+an alpha channel is dropped, a gray image is replicated to three channels); resize to `size` (height,
+width) with bilinear filtering, or, without `size`, require the image to have the input's size already;
+`value = (pixel * scale - mean[c]) / std[c]` in float32; lay out as `nchw` or `nhwc`. EXIF orientation is
+not applied (torchvision's PIL loader does not apply it either, so this matches how most models were
+trained). An integer input (uint8) gets the raw pixels and takes no normalization.
+
+Files are the folder's `*.png`, `*.jpg`, `*.jpeg` (any case), not recursive, in sorted name order, so two
+runs see the same samples; a model batch of N takes N consecutive images. Images are decoded one at a
+time while the source is iterated: memory does not grow with the folder. `labels` is a CSV of
+`filename,label` rows (an optional header row is skipped); every image used needs an integer label.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .data import Batch, DataSource
+from .errors import DataError
+from .recipe import ImageData, InputSpec
+
+__all__ = ["image_source", "list_images", "load_image", "read_labels", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_CHANNELS = {"rgb": 3, "bgr": 3, "gray": 1}
+
+
+def list_images(folder: Path, section: str) -> list[Path]:
+    """The folder's PNG/JPEG files in sorted name order; DataError if it is not a folder or holds none."""
+    if not folder.is_dir():
+        raise DataError(f"{section}.data.path: {folder} is not a folder (kind 'images' reads a folder of PNG/JPEG files)")
+    files = sorted(
+        (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")),
+        key=lambda p: p.name,
+    )
+    if not files:
+        raise DataError(f"{section}.data.path: {folder} holds no .png/.jpg/.jpeg images")
+    return files
+
+
+def _target_input(data: ImageData, inputs: list[InputSpec], section: str) -> InputSpec:
+    by_name = {s.name: s for s in inputs}
+    if data.input is not None and data.input not in by_name:
+        raise DataError(f"{section}.data.input: '{data.input}' is not a model input ({', '.join(by_name)})")
+    if len(inputs) > 1:
+        others = [s.name for s in inputs if s.name != data.input]
+        if data.input is None:
+            raise DataError(
+                f"{section}.data.input: the model has {len(inputs)} inputs ({', '.join(by_name)}); name the one the "
+                "images feed"
+            )
+        raise DataError(
+            f"{section}.data: images feed only '{data.input}'; the model's other inputs ({', '.join(others)}) "
+            "would get no data (use an npz data set)"
+        )
+    return by_name[data.input] if data.input is not None else inputs[0]
+
+
+def _geometry(spec: InputSpec, data: ImageData, section: str) -> tuple[int, int, int, int]:
+    """(batch, channels, height, width) the input takes, checked against the declared preprocessing."""
+    if len(spec.shape) != 4:
+        raise DataError(
+            f"{section}.data: input '{spec.name}' has shape {spec.shape}; images need a rank-4 input "
+            f"({'[N, C, H, W]' if data.layout == 'nchw' else '[N, H, W, C]'} for layout {data.layout})"
+        )
+    if data.layout == "nchw":
+        batch, channels, height, width = spec.shape
+    else:
+        batch, height, width, channels = spec.shape
+    if channels != _CHANNELS[data.channels]:
+        raise DataError(
+            f"{section}.data.channels: '{data.channels}' gives {_CHANNELS[data.channels]} channel(s), input "
+            f"'{spec.name}' {spec.shape} takes {channels} in layout {data.layout} (check layout and channels)"
+        )
+    if data.size is not None and tuple(data.size) != (height, width):
+        raise DataError(
+            f"{section}.data.size: {list(data.size)} (height, width) does not match input '{spec.name}' "
+            f"{spec.shape}, which takes {height}x{width} in layout {data.layout}"
+        )
+    return batch, channels, height, width
+
+
+def _normalization(data: ImageData, spec: InputSpec, channels: int, section: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-channel (mean, std) as float32 arrays; None for an integer input (raw pixels)."""
+    for key in ("mean", "std"):
+        values = getattr(data, key)
+        if len(values) not in (1, channels):
+            raise DataError(
+                f"{section}.data.{key}: {len(values)} values for {channels}-channel '{data.channels}' images "
+                f"(give 1 value, or {channels}: one per channel, in {data.channels} order)"
+            )
+    if any(s == 0 for s in data.std):
+        raise DataError(f"{section}.data.std: {data.std} holds a zero (the pixels are divided by std)")
+    if np.dtype(spec.dtype).kind != "f":
+        if data.scale != 1.0 or any(data.mean) or any(s != 1.0 for s in data.std):
+            raise DataError(
+                f"{section}.data: input '{spec.name}' is {spec.dtype} and takes raw pixels; set scale: 1, "
+                "mean: [0], std: [1] (or declare the input float32)"
+            )
+        if spec.dtype not in ("uint8", "int32", "int64"):
+            raise DataError(f"{section}.data: images cannot feed a {spec.dtype} input '{spec.name}'")
+        return None
+    mean = np.broadcast_to(np.asarray(data.mean, np.float32), (channels,)).copy()
+    std = np.broadcast_to(np.asarray(data.std, np.float32), (channels,)).copy()
+    return mean, std
+
+
+def load_image(path: Path, data: ImageData, height: int, width: int, *, section: str) -> np.ndarray:
+    """One image as an HxWxC uint8 array in the declared channels and size."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise DataError(f"{section}.data: image data needs Pillow (pip install pillow)") from None
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = "L" if data.channels == "gray" else "RGB"
+            # Palette, 16-bit and alpha images convert via RGBA/I first where Pillow needs it.
+            if image.mode == "P":
+                image = image.convert("RGBA")
+            converted = image.convert(mode)
+            if data.size is not None and converted.size != (width, height):
+                converted = converted.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(converted, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        # Pillow raises OSError for truncated files and SyntaxError for some broken PNG chunks.
+        raise DataError(f"{section}.data: {path} is not a readable image ({type(err).__name__}: {err})") from None
+    if pixels.shape[:2] != (height, width):
+        raise DataError(
+            f"{section}.data: {path} is {pixels.shape[1]}x{pixels.shape[0]} (width x height), the input takes "
+            f"{width}x{height}; set data.size: [{height}, {width}] to resize"
+        )
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if data.channels == "bgr":
+        pixels = pixels[:, :, ::-1]
+    return pixels
+
+
+def read_labels(path: Path, section: str) -> dict[str, int]:
+    """`filename,label` rows of a CSV (an optional header row is skipped) as {filename: label}."""
+    if not path.is_file():
+        raise DataError(f"{section}.data.labels: {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{section}.data.labels: {path} is not readable UTF-8 text ({err})") from None
+    labels: dict[str, int] = {}
+    for line_no, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) != 2:
+            raise DataError(
+                f"{section}.data.labels: {path}, line {line_no}: {len(row)} fields; each row is 'filename,label'"
+            )
+        name, value = row[0].strip(), row[1].strip()
+        try:
+            label = int(value)
+        except ValueError:
+            if line_no == 1 and not labels:
+                continue  # a header row such as "filename,label"
+            raise DataError(
+                f"{section}.data.labels: {path}, line {line_no}: label {value!r} is not an integer class index"
+            ) from None
+        if name in labels:
+            raise DataError(f"{section}.data.labels: {path}, line {line_no}: '{name}' is listed twice")
+        labels[name] = label
+    if not labels:
+        raise DataError(f"{section}.data.labels: {path} holds no 'filename,label' rows")
+    return labels
+
+
+def image_source(path: Path, data: ImageData, inputs: list[InputSpec], limit: int, section: str) -> DataSource:
+    """The images of folder `path` as a DataSource of at most `limit` batches (see the module docstring).
+
+    `data.labels`, when set, must already be resolved (pipeline.data resolves it against the recipe).
+    """
+    spec = _target_input(data, inputs, section)
+    batch, channels, height, width = _geometry(spec, data, section)
+    norm = _normalization(data, spec, channels, section)
+    files = list_images(path, section)
+    count = min(limit, len(files) // batch)
+    if count == 0:
+        raise DataError(f"{section}.data.path: {path} holds {len(files)} image(s); a batch of input '{spec.name}' needs {batch}")
+    files = files[: count * batch]
+    labels = None
+    if data.labels is not None:
+        table = read_labels(Path(data.labels), section)
+        missing = [f.name for f in files if f.name not in table]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            raise DataError(f"{section}.data.labels: {data.labels} has no label for {shown}")
+        labels = np.asarray([table[f.name] for f in files], dtype=np.int64)
+    dtype = np.dtype(spec.dtype)
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(files), batch):
+            images = []
+            for file in files[start : start + batch]:
+                pixels = load_image(file, data, height, width, section=section)
+                if norm is None:
+                    values = pixels.astype(dtype)
+                else:
+                    mean, std = norm
+                    values = ((pixels.astype(np.float32) * np.float32(data.scale) - mean) / std).astype(dtype)
+                images.append(values if data.layout == "nhwc" else values.transpose(2, 0, 1))
+            yield {spec.name: np.ascontiguousarray(np.stack(images))}
+
+    return DataSource(f"{path.name}/ ({len(files)} images)", inputs, count, batches, labels)
