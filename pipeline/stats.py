@@ -30,6 +30,8 @@ the exact min/max but weighs nothing in the MSE, which is what an average error 
 
 from __future__ import annotations
 
+import copy
+
 import io
 import math
 import os
@@ -211,6 +213,12 @@ class StatsCollector:
 
     def __getitem__(self, name: str) -> TensorStats:
         return self._stats[name]
+
+    def alias(self, name: str, source: str) -> None:
+        """Give `name` a copy of `source`'s statistics (a Reshape/Transpose output holds the same values)."""
+        stats = copy.deepcopy(self._stats[source])
+        stats.name = name
+        self._stats[name] = stats
 
     def __contains__(self, name: object) -> bool:
         return name in self._stats

@@ -42,6 +42,23 @@ def _float_shapes(model) -> dict[str, list[int]]:
     return shapes
 
 
+# Ops whose output holds exactly the values of their input, rearranged: same statistics.
+_PERMUTING = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+# Calibration samples gathered before one histogram update per tensor (bounds Python overhead).
+_UPDATE_EVERY = 8
+
+
+def permuted_aliases(model, tensors: dict[str, list[int]]) -> dict[str, str]:
+    """{tensor: the measured tensor it rearranges}, for outputs of Reshape/Transpose/... chains."""
+    aliases: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type in _PERMUTING and node.input and node.output[0] in tensors:
+            source = aliases.get(node.input[0], node.input[0])
+            if source in tensors:
+                aliases[node.output[0]] = source
+    return aliases
+
+
 def activation_tensors(model) -> dict[str, list[int]]:
     """Float activations worth a range: graph inputs and node outputs that are not constants."""
     init_names = {i.name for i in model.graph.initializer}
@@ -114,8 +131,11 @@ class CalibrateStage(Stage):
         collector = collect_statistics(model, data, progress=ctx.progress)
         collector.save(out / "stats.npz")
         tensors = activation_tensors(model)
-        atomic_write(out / "tensors.json", dump_json({"samples": collector.count, "tensors": tensors}))
-        return {"samples": collector.count, "tensors": len(tensors)}
+        aliases = permuted_aliases(model, tensors)
+        atomic_write(
+            out / "tensors.json", dump_json({"samples": len(data), "tensors": tensors, "aliases": aliases})
+        )
+        return {"samples": len(data), "tensors": len(tensors), "measured": len(tensors) - len(aliases)}
 
 
 def collect_statistics(model, data, *, progress: bool = True) -> StatsCollector:
@@ -125,19 +145,38 @@ def collect_statistics(model, data, *, progress: bool = True) -> StatsCollector:
     tensors = activation_tensors(model)
     if not tensors:
         raise StageError("calibrate: the prepared model has no float activations to calibrate")
-    session = make_session(instrument(model, tensors).SerializeToString(), optimize=True)
-    names = list(tensors)
+    aliases = permuted_aliases(model, tensors)
+    measured = {name: shape for name, shape in tensors.items() if name not in aliases}
+    session = make_session(instrument(model, measured).SerializeToString(), optimize=True)
+    names = list(measured)
     collector = StatsCollector(names)
+    pending: list[list] = []
     bar = tqdm(data, total=len(data), desc="calibrate", unit="sample", disable=not progress, leave=False)
     for seen, batch in enumerate(bar):
         results = session.run(None, batch)
-        for index, name in enumerate(names):
-            lo, hi, sample = results[3 * index : 3 * index + 3]
-            lo, hi = float(lo), float(hi)
-            if not (np.isfinite(lo) and np.isfinite(hi)):
-                raise DataError(
-                    f"calibration data, sample {seen}: activation '{name}' is NaN/inf; "
-                    "the model overflows on this input (check its preprocessing)"
-                )
-            collector.update(name, sample, lo, hi)
+        extremes = np.asarray([float(r) for r in results[0::3]] + [float(r) for r in results[1::3]])
+        if not np.isfinite(extremes).all():
+            bad = int(np.flatnonzero(~np.isfinite(extremes))[0]) % len(names)
+            raise DataError(
+                f"calibration data, sample {seen}: activation '{names[bad]}' is NaN/inf; "
+                "the model overflows on this input (check its preprocessing)"
+            )
+        pending.append(results)
+        if len(pending) == _UPDATE_EVERY:
+            _flush(collector, names, pending)
+    _flush(collector, names, pending)
+    for alias, source in aliases.items():
+        collector.alias(alias, source)
     return collector
+
+
+def _flush(collector: StatsCollector, names: list[str], pending: list[list]) -> None:
+    """One histogram update per tensor for the samples gathered so far."""
+    if not pending:
+        return
+    for index, name in enumerate(names):
+        lo = min(float(r[3 * index]) for r in pending)
+        hi = max(float(r[3 * index + 1]) for r in pending)
+        sample = np.concatenate([r[3 * index + 2] for r in pending])
+        collector.update(name, sample, lo, hi)
+    pending.clear()
