@@ -105,21 +105,29 @@ import os, signal, sys
 point, args = sys.argv[1], sys.argv[2:]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
-def after_calls(owner, name, limit):
-    original, calls = getattr(owner, name), [0]
-    def patched(*a, **k):
-        calls[0] += 1
-        if calls[0] == limit:
-            die()
-        return original(*a, **k)
-    setattr(owner, name, patched)
+class Dying:
+    """A data source that kills the process when the stage asks for its `at`-th sample."""
+    def __init__(self, source, at):
+        self.source, self.at = source, at
+    def __len__(self):
+        return len(self.source)
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+    def __iter__(self):
+        for index, batch in enumerate(self.source):
+            if index == self.at:
+                die()
+            yield batch
+def die_in_data(module, at):
+    opened = module.open_dataset
+    module.open_dataset = lambda *a, **k: Dying(opened(*a, **k), at)
 import pipeline.runner as runner
 if point == "during-calibrate":
-    import pipeline.stats as stats
-    after_calls(stats.StatsCollector, "update", 20)
+    from pipeline.stages import calibrate
+    die_in_data(calibrate, 9)
 elif point == "during-validate":
     from pipeline.stages import validate
-    after_calls(validate._OutputAccumulator, "update", 5)
+    die_in_data(validate, 3)
 elif point.startswith("after-rename:"):
     stage, swap = point.split(":")[1], runner._swap_into_place
     def patched(scratch, final):
