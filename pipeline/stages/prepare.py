@@ -2,10 +2,13 @@
 
 Steps, in order: fix dynamic input dims to the recipe's static shapes (ONNX sources); convert the opset to
 the recipe's (17 by default); clamp additive attention-mask constants (float32 min) to -1e4, which
-changes no float result but gives the mask path a range an integer format can represent; shape
-inference; onnxruntime's basic graph optimizations (constant folding, Conv+BatchNorm and Conv+Add
-fusion, redundant node removal), which emit standard ONNX ops only. The result is run against the
-exported model on one calibration sample, so a broken rewrite fails here, not three stages later.
+changes no float result but gives the mask path a range an integer format can represent; drop graph
+inputs that are initializers (old exporters list every weight as an input; onnxruntime then treats the
+weights as overridable and folds nothing); shape inference; onnxruntime's basic graph optimizations
+(constant folding, Conv+BatchNorm and Conv+Add fusion, redundant node removal), which emit standard ONNX
+ops only; then `fold_batchnorm` for the BatchNormalization nodes onnxruntime leaves. The result is run
+against the exported model on one calibration sample, so a broken rewrite fails here, not three stages
+later.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from ..onnx_utils import load_onnx, make_session, model_opset, save_onnx, static
 from ..recipe import Recipe
 from ..runner import RunContext, Stage
 
-__all__ = ["PrepareStage", "MASK_FLOOR"]
+__all__ = ["PrepareStage", "MASK_FLOOR", "fold_batchnorm", "drop_initializer_inputs"]
 
 # Additive masks written as float32 min (-3.4e38) are clamped to this; exp(-1e4) is 0 in float32 anyway.
 MASK_FLOOR = -1.0e4
@@ -75,10 +78,130 @@ def clamp_mask_constants(model) -> int:
     return count
 
 
+def drop_initializer_inputs(model) -> int:
+    """Remove graph inputs that name an initializer; returns how many. Raises the IR version to what the
+    opset needs (IR < 4 required initializers to be listed as inputs)."""
+    from onnx import helper
+
+    model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(model.opset_import), True))
+    init = {t.name for t in model.graph.initializer}
+    keep = [v for v in model.graph.input if v.name not in init]
+    dropped = len(model.graph.input) - len(keep)
+    if dropped:
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+    return dropped
+
+
+def fold_batchnorm(model) -> dict[str, int]:
+    """Remove the inference BatchNormalization nodes onnxruntime's basic level leaves; returns counts.
+
+    onnxruntime fuses a BN into the Conv/ConvTranspose before it only when the BN alone reads that
+    node's output (and, as for any folding, when no parameter is also a graph input): a BN after an Add
+    or after a Conv with a second reader survives it. Here, with s = scale / sqrt(var + eps) and
+    t = bias - mean * s:
+    - BN after a Conv/ConvTranspose whose output only it reads: folded into the weights (x s per output
+      channel) and the bias (b * s + t);
+    - any other BN on a rank >= 3 tensor: a depthwise 1x1 Conv (group = channels, weight s, bias t), as
+      AMD Quark's ConvertBNToConv does, so it is quantized and placed like any Conv.
+    BNs with non-constant parameters, training mode, or a rank-2 input are left (`left` in the counts).
+    Needs shape inference's value_info for the input ranks.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.input, *g.value_info, *g.output]
+             if v.type.tensor_type.HasField("shape")}
+    consumers: dict[str, int] = {}
+    for node in g.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    graph_outputs = {o.name for o in g.output}
+    producer = {o: node for node in g.node for o in node.output}
+    used = set(inits)
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        return name
+
+    def add_init(base: str, array: np.ndarray) -> str:
+        name = fresh(base)
+        g.initializer.append(numpy_helper.from_array(array.astype(np.float32), name))
+        return name
+
+    counts = {"folded": 0, "to_depthwise_conv": 0, "left": 0}
+    nodes = []
+    removed: set[int] = set()
+    for node in g.node:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        params = [inits.get(name) for name in node.input[1:5]]
+        extra_outputs = [o for o in node.output[1:] if o and (consumers.get(o) or o in graph_outputs)]
+        if attrs.get("training_mode", 0) or extra_outputs or any(p is None for p in params):
+            counts["left"] += 1
+            nodes.append(node)
+            continue
+        scale, bias, mean, var = (numpy_helper.to_array(p).astype(np.float64) for p in params)
+        s = scale / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
+        t = bias - mean * s
+        x, y = node.input[0], node.output[0]
+        conv = producer.get(x)
+        if (
+            conv is not None and conv.op_type in ("Conv", "ConvTranspose") and conv.domain in ("", "ai.onnx")
+            and consumers.get(x) == 1 and x not in graph_outputs and conv.input[1] in inits
+            and (len(conv.input) < 3 or not conv.input[2] or conv.input[2] in inits)
+        ):
+            w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+            if conv.op_type == "Conv":
+                w = w * s.reshape(-1, *[1] * (w.ndim - 1))
+            else:  # ConvTranspose weight: [C_in, C_out / group, k...]
+                group = next((a.i for a in conv.attribute if a.name == "group"), 1)
+                shape = w.shape
+                w = w.reshape(group, shape[0] // group, shape[1], *shape[2:])
+                w = (w * s.reshape(group, 1, shape[1], *[1] * (len(shape) - 2))).reshape(shape)
+            b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+            new_inputs = [conv.input[0], add_init(f"{conv.input[1]}_bn", w), add_init(f"{y}_bias", b * s + t)]
+            del conv.input[:]
+            conv.input.extend(new_inputs)
+            conv.output[0] = y
+            counts["folded"] += 1
+            continue
+        rank = ranks.get(x)
+        if rank is None or rank < 3:
+            counts["left"] += 1
+            nodes.append(node)
+            continue
+        weight = add_init(f"{y}_dw_weight", s.reshape(-1, 1, *[1] * (rank - 2)))
+        shift = add_init(f"{y}_dw_bias", t)
+        nodes.append(helper.make_node(
+            "Conv", [x, weight, shift], [y], name=node.name or fresh(f"{y}_dwconv"),
+            group=len(s), kernel_shape=[1] * (rank - 2),
+        ))
+        counts["to_depthwise_conv"] += 1
+    if counts["folded"] or counts["to_depthwise_conv"]:
+        kept_nodes = [n.SerializeToString() for n in nodes]  # copies: the list holds messages of g.node
+        del g.node[:]
+        for data in kept_nodes:
+            g.node.add().ParseFromString(data)
+        needed = {name for node in g.node for name in node.input} | graph_outputs
+        kept = [t for t in g.initializer if t.name in needed]
+        del g.initializer[:]
+        g.initializer.extend(kept)
+    return counts
+
+
 class PrepareStage(Stage):
     name = "prepare"
     sections = ("inputs", "export")
     after = ("export",)
+    revision = 2  # 2: initializer inputs dropped, leftover BatchNorm folded
 
     def run(self, ctx: RunContext, out: Path) -> dict:
         import onnx
@@ -98,6 +221,7 @@ class PrepareStage(Stage):
                     f"prepare: cannot convert opset {opset_before} to {recipe.export.opset}: {err}"
                 ) from None
         masks = clamp_mask_constants(model)
+        init_inputs = drop_initializer_inputs(model)
         try:
             model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
         except Exception as err:
@@ -108,6 +232,10 @@ class PrepareStage(Stage):
         _ort_basic_optimize(staged, optimized)
         staged.unlink()
         final = onnx.shape_inference.infer_shapes(onnx.load(str(optimized)), data_prop=True)
+        batchnorm = fold_batchnorm(final)
+        if batchnorm["folded"] or batchnorm["to_depthwise_conv"]:
+            del final.graph.value_info[:]
+            final = onnx.shape_inference.infer_shapes(final, data_prop=True)
         save_onnx(final, optimized)
         dynamic = {k: v for k, v in static_input_shapes(final).items() if not all(isinstance(d, int) for d in v)}
         if dynamic:
@@ -124,6 +252,9 @@ class PrepareStage(Stage):
             "mask_constants_clamped": masks,
             "nodes_before": len(load_onnx(source).graph.node),
             "nodes_after": len(final.graph.node),
+            "initializer_inputs_dropped": init_inputs,
+            "batchnorm_folded": batchnorm["folded"],
+            "batchnorm_to_depthwise_conv": batchnorm["to_depthwise_conv"],
             "batchnorm_left": leftover_bn,
             "max_abs_diff_vs_export": max_diff,
             "op_histogram": dict(sorted(ops.items())),
