@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,14 +46,18 @@ class RunResult:
     def artifact(self) -> Path:
         return self.run_dir / "artifact"
 
+    # Read from the stage records the runner returned while it held the run lock, not from the files,
+    # which a concurrent --force run may be swapping at this moment.
+    def _record(self, stage: str) -> dict:
+        return next(o.record.metrics for o in self.outcomes if o.name == stage)
+
     @property
     def metrics(self) -> dict:
-        return json.loads((self.run_dir / "validate" / "metrics.json").read_text())
+        return self._record("validate")
 
     @property
     def gates(self) -> list[GateResult]:
-        manifest = json.loads((self.artifact / "manifest.json").read_text())
-        return [GateResult(**g) for g in manifest["gates"]]
+        return [GateResult(**g) for g in self._record("artifact")["gates"]]
 
 
 def run_recipe(

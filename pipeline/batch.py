@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import PipelineError
+from .onnx_utils import THREADS_ENV
 
 __all__ = ["BatchError", "Shard", "RecipeOutcome", "BatchResult", "collect_recipes", "run_batch"]
 
@@ -315,17 +316,21 @@ def run_batch(
     selected = shard.select(planned) if shard is not None else planned
     with tempfile.TemporaryDirectory(prefix="npu-batch-") as results_dir:
         def one(item: _Planned) -> RecipeOutcome:
-            outcome = _run_planned(item, Path(results_dir), force=force, timeout=timeout)
+            outcome = _run_planned(item, Path(results_dir), force=force, timeout=timeout, threads=threads)
             if on_done is not None:
                 on_done(outcome)
             return outcome
 
+        # Each worker's onnxruntime would otherwise use every core: jobs x cores threads thrash.
+        threads = max(1, (os.cpu_count() or 1) // jobs)
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             outcomes = list(pool.map(one, selected))
     return BatchResult(outcomes, jobs, shard, len(everything), time.perf_counter() - start)
 
 
-def _run_planned(item: _Planned, results_dir: Path, *, force: bool, timeout: float | None) -> RecipeOutcome:
+def _run_planned(
+    item: _Planned, results_dir: Path, *, force: bool, timeout: float | None, threads: int = 0
+) -> RecipeOutcome:
     shown = _display(item.path)
     if item.recipe is None:
         return RecipeOutcome(shown, item.path.stem, "error", item.error.exit_code, one_line(str(item.error)),
@@ -337,7 +342,8 @@ def _run_planned(item: _Planned, results_dir: Path, *, force: bool, timeout: flo
     start = time.perf_counter()
     try:
         proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                     THREADS_ENV: str(threads)})
         log, returncode, died = proc.stdout.decode("utf-8", "replace"), proc.returncode, None
     except subprocess.TimeoutExpired as err:  # subprocess.run has killed the worker
         log = (err.stdout or b"").decode("utf-8", "replace")

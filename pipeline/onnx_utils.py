@@ -7,12 +7,16 @@ on x86 without VNNI (a digits CNN scored 52.8% instead of 99.4%), so their figur
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ModelError
+
+# Threads per onnxruntime session; batch sets it so that parallel workers share the cores.
+THREADS_ENV = "NPU_PIPELINE_THREADS"
 
 __all__ = ["load_onnx", "save_onnx", "model_opset", "make_session", "run_session", "static_input_shapes"]
 
@@ -57,6 +61,7 @@ def make_session(model: Path | bytes, *, npu_emulation: bool = False, optimize: 
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    threads = threads or int(os.environ.get(THREADS_ENV, "0") or 0)
     if threads:
         options.intra_op_num_threads = threads
     if npu_emulation or not optimize:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..gates import evaluate_gates
 from ..onnx_utils import load_onnx
-from ..recipe import Format
+from ..recipe import Format, Recipe
 from ..runner import RunContext, Stage, atomic_write, dump_json, library_versions, sha256_file
 from .quantize import resolve_format
 
@@ -49,7 +49,8 @@ def _signature(model) -> dict:
 
 class PackageStage(Stage):
     name = "artifact"
-    sections = ("name", "description", "gates", "quantization")
+    # The manifest embeds the whole recipe, so every section is part of the key.
+    sections = tuple(name for name in Recipe.model_fields if name != "base_dir")
     after = ("prepare", "quantize", "validate")
     revision = 1
 
