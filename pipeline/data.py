@@ -18,7 +18,7 @@ import numpy as np
 from .errors import DataError
 from .recipe import ImageData, InputSpec, NpzData, Recipe, TextData
 
-__all__ = ["Batch", "DataSource", "open_dataset"]
+__all__ = ["Batch", "DataSource", "open_dataset", "dataset_fingerprint"]
 
 Batch = dict[str, np.ndarray]
 
@@ -80,6 +80,27 @@ def open_dataset(recipe: Recipe, section: str, *, limit: int | None = None) -> D
             data = data.model_copy(update={"labels": recipe.resolve(data.labels)})
         return image_source(path, data, recipe.inputs, limit, section)
     raise DataError(f"{section}.data.kind: unsupported data kind")  # pragma: no cover - schema forbids it
+
+
+def dataset_fingerprint(recipe: Recipe, section: str) -> dict:
+    """The content a stage reads from the `section` data set, hashed, for its cache key.
+
+    A file: its sha256 (as the stages have always keyed it). An image folder: the names and content of its
+    images, plus the labels CSV. A missing path: its name (the stage then fails on it with a clear error).
+    """
+    from .runner import sha256_file
+
+    data = getattr(recipe, section).data
+    path = recipe.resolve(data.path)
+    if not isinstance(data, ImageData):
+        return {"data": sha256_file(path) if path.is_file() else str(path)}
+    from .images import folder_fingerprint
+
+    key = {"data": folder_fingerprint(path) if path.is_dir() else str(path)}
+    if data.labels is not None:
+        labels = recipe.resolve(data.labels)
+        key["labels"] = sha256_file(labels) if labels.is_file() else str(labels)
+    return key
 
 
 def _npz_source(path: Path, data: NpzData, inputs: list[InputSpec], limit: int, section: str) -> DataSource:

@@ -30,23 +30,37 @@ from .data import Batch, DataSource
 from .errors import DataError
 from .recipe import ImageData, InputSpec
 
-__all__ = ["image_source", "list_images", "load_image", "read_labels", "IMAGE_SUFFIXES"]
+__all__ = ["image_source", "list_images", "load_image", "read_labels", "folder_fingerprint", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CHANNELS = {"rgb": 3, "bgr": 3, "gray": 1}
+
+
+def _image_files(folder: Path) -> list[Path]:
+    found = (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return sorted((p for p in found if p.is_file()), key=lambda p: p.name)
 
 
 def list_images(folder: Path, section: str) -> list[Path]:
     """The folder's PNG/JPEG files in sorted name order; DataError if it is not a folder or holds none."""
     if not folder.is_dir():
         raise DataError(f"{section}.data.path: {folder} is not a folder (kind 'images' reads a folder of PNG/JPEG files)")
-    files = sorted(
-        (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")),
-        key=lambda p: p.name,
-    )
+    files = _image_files(folder)
     if not files:
         raise DataError(f"{section}.data.path: {folder} holds no .png/.jpg/.jpeg images")
     return files
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 over the names and content of the folder's images (what a data stage's cache key needs)."""
+    import hashlib
+
+    from .runner import sha256_file
+
+    digest = hashlib.sha256()
+    for path in _image_files(folder):
+        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def _target_input(data: ImageData, inputs: list[InputSpec], section: str) -> InputSpec:

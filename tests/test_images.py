@@ -266,3 +266,36 @@ def test_end_to_end_with_image_folders(tmp_path: Path, tiny_cnn_recipe):
     metrics = yaml.safe_load((out / "validate" / "metrics.json").read_text())
     assert metrics["samples"] == 8 and "accuracy" in metrics
     assert yaml.safe_load((out / "calibrate" / "stage.json").read_text())["metrics"]["samples"] == 12
+
+
+def test_dataset_fingerprint_follows_image_content_and_labels(tmp_path: Path, tiny_cnn_recipe):
+    from pipeline.data import dataset_fingerprint
+
+    _image_folder(tmp_path / "val_imgs", 4, 1)
+    data = {"kind": "images", "path": "val_imgs", "channels": "gray", "labels": "val_imgs.csv"}
+    recipe = load_recipe(tiny_cnn_recipe(validation={"data": data, "samples": 4}))
+    first = dataset_fingerprint(recipe, "validation")
+    assert first == dataset_fingerprint(recipe, "validation")
+    _png(tmp_path / "val_imgs", "img_000.png", np.zeros((8, 8), np.uint8))  # same name, new pixels
+    second = dataset_fingerprint(recipe, "validation")
+    assert second["data"] != first["data"] and second["labels"] == first["labels"]
+    (tmp_path / "val_imgs.csv").write_text("img_000.png,1\nimg_001.png,1\nimg_002.png,1\nimg_003.png,1\n")
+    assert dataset_fingerprint(recipe, "validation")["labels"] != second["labels"]
+    # npz data keeps the key the stages have always used: its sha256.
+    from pipeline.runner import sha256_file
+
+    assert dataset_fingerprint(recipe, "calibration") == {"data": sha256_file(tmp_path / "calib.npz")}
+
+
+@pytest.mark.xfail(strict=True, reason="calibrate/validate key image folders by path; they should call "
+                   "pipeline.data.dataset_fingerprint in extra_key (then remove this xfail)")
+def test_changed_images_rerun_calibration(tmp_path: Path, tiny_cnn_recipe):
+    from pipeline.api import run_stage
+
+    _image_folder(tmp_path / "calib_imgs", 6, 0)
+    data = {"kind": "images", "path": "calib_imgs", "channels": "gray"}
+    recipe = load_recipe(tiny_cnn_recipe(calibration={"data": data, "samples": 6}))
+    for stage in ("export", "prepare", "calibrate"):
+        run_stage(recipe, stage, progress=False, force=False)
+    _image_folder(tmp_path / "calib_imgs", 6, 5)  # new pixels under the same names
+    assert not run_stage(recipe, "calibrate", progress=False, force=False).cached
