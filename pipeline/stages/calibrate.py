@@ -19,7 +19,7 @@ import numpy as np
 
 from ..data import open_dataset
 from ..errors import DataError, StageError
-from ..onnx_utils import load_onnx, make_session
+from ..onnx_utils import load_onnx, make_session, model_opset
 from ..runner import RunContext, Stage, atomic_write, dump_json
 from ..stats import StatsCollector
 
@@ -93,11 +93,24 @@ def instrument(model, tensors: dict[str, list[int]]):
     del graph.output[:]
     flat = numpy_helper.from_array(np.array([-1], dtype=np.int64), "_calib_flat")
     graph.initializer.append(flat)
+    axes_as_input = model_opset(model) >= 18
+    axis_consts: set[int] = set()
     for index, (name, shape) in enumerate(tensors.items()):
         numel = int(np.prod(shape))
         tag = f"_calib{index}"
-        graph.node.append(helper.make_node("ReduceMin", [name], [f"{tag}_min"], keepdims=0))
-        graph.node.append(helper.make_node("ReduceMax", [name], [f"{tag}_max"], keepdims=0))
+        for op, suffix in (("ReduceMin", "min"), ("ReduceMax", "max")):
+            source = name
+            if len(shape) >= 2 and numel > SAMPLE_SIZE:
+                # onnxruntime reduces to a scalar on one thread; reducing the last axis first runs in
+                # parallel over the rows, then the scalar reduce reads only one value per row (~3x faster).
+                source = f"{tag}_rows_{suffix}"
+                last = len(shape) - 1
+                if axes_as_input:  # opset 18 moved `axes` from an attribute to an input
+                    graph.node.append(helper.make_node(op, [name, f"_calib_axis{last}"], [source], keepdims=0))
+                    axis_consts.add(last)
+                else:
+                    graph.node.append(helper.make_node(op, [name], [source], axes=[last], keepdims=0))
+            graph.node.append(helper.make_node(op, [source], [f"{tag}_{suffix}"], keepdims=0))
         graph.node.append(helper.make_node("Reshape", [name, "_calib_flat"], [f"{tag}_flat"]))
         sample = f"{tag}_flat"
         if numel > SAMPLE_SIZE:
@@ -111,6 +124,8 @@ def instrument(model, tensors: dict[str, list[int]]):
             )
         for out in (f"{tag}_min", f"{tag}_max", sample):
             graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+    for axis in sorted(axis_consts):
+        graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), f"_calib_axis{axis}"))
     return model
 
 
