@@ -49,8 +49,19 @@ def _child(mode: str, model_path: Path, n: int, recipe_path: Path, method: str) 
         for name in collector.names:  # the range computation is part of calibrating
             choose_range(collector[name], CalibMethod(method), bits=8, symmetric=True, percentile=99.999)
     seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": seconds, "peak_rss_mib": peak_kib / 1024, "samples": len(batches)}
+    return {"seconds": seconds, "peak_rss_mib": _peak_rss_kib() / 1024, "samples": len(batches)}
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak RSS. getrusage's ru_maxrss survives execve, so a child spawned by a parent that
+    had loaded torch would report the parent's peak; /proc's VmHWM belongs to this address space alone."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _spawn(mode: str, model: Path, n: int, recipe: Path, method: str) -> dict:

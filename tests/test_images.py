@@ -287,8 +287,6 @@ def test_dataset_fingerprint_follows_image_content_and_labels(tmp_path: Path, ti
     assert dataset_fingerprint(recipe, "calibration") == {"data": sha256_file(tmp_path / "calib.npz")}
 
 
-@pytest.mark.xfail(strict=True, reason="calibrate/validate key image folders by path; they should call "
-                   "pipeline.data.dataset_fingerprint in extra_key (then remove this xfail)")
 def test_changed_images_rerun_calibration(tmp_path: Path, tiny_cnn_recipe):
     from pipeline.api import run_stage
 

@@ -129,18 +129,28 @@ def instrument(model, tensors: dict[str, list[int]]):
     return model
 
 
+def _needs_statistics(ctx: RunContext) -> bool:
+    """BF16 keeps float ranges: the NPU converts the float32 model, so nothing reads the statistics."""
+    from ..recipe import Format
+    from .quantize import resolve_format
+
+    return resolve_format(ctx.recipe)[1] is not Format.BF16
+
+
 class CalibrateStage(Stage):
     name = "calibrate"
     sections = ("inputs", "calibration")
     after = ("prepare",)
 
     def extra_key(self, ctx: RunContext) -> dict:
-        from ..runner import sha256_file
+        from ..data import dataset_fingerprint
 
-        path = ctx.recipe.resolve(ctx.recipe.calibration.data.path)
-        return {"data": sha256_file(path) if path.is_file() else str(path)}
+        return {**dataset_fingerprint(ctx.recipe, "calibration"), "needed": _needs_statistics(ctx)}
 
     def run(self, ctx: RunContext, out: Path) -> dict:
+        if not _needs_statistics(ctx):
+            atomic_write(out / "tensors.json", dump_json({"samples": 0, "tensors": {}, "aliases": {}}))
+            return {"samples": 0, "tensors": 0, "skipped": "bf16 needs no activation ranges"}
         model = load_onnx(ctx.require("prepare", "model.onnx"), where="prepared model")
         data = open_dataset(ctx.recipe, "calibration")
         collector = collect_statistics(model, data, progress=ctx.progress)

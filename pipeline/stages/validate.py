@@ -95,10 +95,9 @@ class ValidateStage(Stage):
     after = ("prepare", "quantize")
 
     def extra_key(self, ctx: RunContext) -> dict:
-        from ..runner import sha256_file
+        from ..data import dataset_fingerprint
 
-        path = ctx.recipe.resolve(ctx.recipe.validation.data.path)
-        return {"data": sha256_file(path) if path.is_file() else str(path)}
+        return dataset_fingerprint(ctx.recipe, "validation")
 
     def run(self, ctx: RunContext, out: Path) -> dict:
         from tqdm import tqdm
