@@ -25,6 +25,10 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _share(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def accuracy_rows(metrics: dict) -> list[tuple[str, str, str]]:
     """(metric, NPU-emulated value, CPU-EP value) for every metric that was measured."""
     cpu = metrics.get("cpu_ep", {})
@@ -74,7 +78,16 @@ def render_markdown(manifest: dict, metrics: dict, records: dict, inspection) ->
         lines.append("No gates in the recipe.")
     placement = manifest.get("placement", {})
     lines += ["", "## Placement (predicted)", ""]
-    lines += [f"- {key.replace('_', ' ')}: {_fmt(value)}" for key, value in sorted(placement.items())]
+    if placement:
+        nodes = placement["nodes_npu"] + placement["nodes_cpu"]
+        lines += [
+            f"- verdict: {'ready' if placement['ready'] else '**NOT READY**'} for {manifest['target']} "
+            f"({placement['violations']} violation(s), {placement['warnings']} warning(s); see placement.json)",
+            f"- nodes on the NPU: {placement['nodes_npu']} of {nodes} ({_share(placement['npu_node_share'])})",
+            f"- MACs on the NPU: {placement['macs_npu']:,} of {placement['macs_total']:,} "
+            f"({_share(placement['npu_mac_share'])})",
+            f"- NPU<->CPU transitions: {placement['transitions']}",
+        ]
     cpu_nodes = [p for p in inspection.placement if p.device == "CPU"]
     if cpu_nodes:
         lines += ["", "Nodes predicted to fall back to the CPU:", ""]
