@@ -143,14 +143,37 @@ class ValidationSettings(_Strict):
     output: str | None = None
 
 
+class FallbackSettings(_Strict):
+    """Accuracy-aware fallback (`pipeline.fallback`): when a gate fails on a held-out split of the
+    calibration data, move the most sensitive layers to 16-bit activations, then BF16, then the CPU."""
+
+    enabled: bool = False
+    # Calibration samples after the first `calibration.samples` ones, used to check the gates.
+    holdout: Annotated[int, Field(ge=2)] = 64
+    # Shares given up against the all-int8 model: of MACs that may leave int8 (16-bit activations, BF16
+    # or CPU), and of MACs and of nodes that may leave the NPU for the CPU.
+    max_mac_share_off_int8: Annotated[float, Field(ge=0, le=1)] = 1.0
+    max_mac_share_off_npu: Annotated[float, Field(ge=0, le=1)] = 0.0
+    max_node_share_off_npu: Annotated[float, Field(ge=0, le=1)] = 0.0
+    rungs: list[Literal["a16", "bf16", "cpu"]] = Field(default_factory=lambda: ["a16", "bf16", "cpu"])
+    # Extra scorings on a rung that fails even in full (only to draw the accuracy-vs-share curve).
+    curve_points: Annotated[int, Field(ge=0, le=16)] = 3
+    # Range method of tensors promoted to 16 bits (outliers clipped by a percentile cost more than
+    # the resolution minmax gives up at 16 bits).
+    promoted_method: CalibMethod = CalibMethod.MINMAX
+
+
 class QuantizationSettings(_Strict):
     target: str = "xdna2"
     format: Format | None = None  # None: the target's default format
     exclude_nodes: list[str] = Field(default_factory=list)
-    # Accuracy transforms (each optional, each measured in the report).
+    # Accuracy transforms (each optional, each measured in the report; see pipeline.transforms).
     smoothquant: Annotated[float, Field(ge=0, le=1)] | None = None
     cross_layer_equalization: bool = False
     bias_correction: bool = False
+    # Calibration samples the transforms' per-channel statistics are taken from (at most).
+    transform_samples: Annotated[int, Field(ge=1)] = 128
+    fallback: FallbackSettings = FallbackSettings()
 
     # Checked at load time, so a typo fails before any stage runs (targets imports this module: lazy import).
     @field_validator("target")

@@ -49,7 +49,16 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], *, markdo
     return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
 
 
-def render_markdown(manifest: dict, metrics: dict, records: dict, inspection) -> str:
+def render_markdown(
+    manifest: dict,
+    metrics: dict,
+    records: dict,
+    inspection,
+    *,
+    layer_errors: dict | None = None,
+    transforms: dict | None = None,
+    fallback: dict | None = None,
+) -> str:
     numerics = metrics.get("numerics", "")
     lines = [
         f"# {manifest['name']}: {manifest['format'].upper()} for {manifest['target']}",
@@ -101,9 +110,44 @@ def render_markdown(manifest: dict, metrics: dict, records: dict, inspection) ->
             (name, _fmt(m["cosine_mean"]), _fmt(m["sqnr_db"]), _fmt(m["max_abs_error"])) for name, m in outputs.items()
         ]
         lines.append(format_table(("output", "cosine mean", "SQNR (dB)", "max abs error"), rows, markdown=True))
+    lines += _accuracy_work(transforms, fallback, layer_errors)
     lines += ["", "## Stages", ""]
     rows = [(name, f"{rec.seconds:.2f}") for name, rec in records.items()]
     lines.append(format_table(("stage", "seconds"), rows, markdown=True))
     lines += ["", "## Files", ""]
     lines += [f"- `{name}` sha256 `{digest}`" for name, digest in manifest["files"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_work(transforms: dict | None, fallback: dict | None, layer_errors: dict | None) -> list[str]:
+    """Sections for the accuracy transforms, the fallback search and the worst layers (report.html plots them)."""
+    lines: list[str] = []
+    if transforms:
+        lines += ["", "## Accuracy transforms", ""]
+        for name, part in sorted(transforms.items()):
+            reasons = sorted({s["reason"] for s in part.get("skipped", [])})
+            lines.append(f"- {name.replace('_', ' ')}: applied to {len(part.get('applied', []))}, skipped "
+                         f"{len(part.get('skipped', []))}" + (f" ({'; '.join(reasons[:3])})" if reasons else ""))
+    if fallback:
+        lines += ["", "## Accuracy-aware fallback", "",
+                  "Gates checked on a held-out split of the calibration data, not on the validation set.", ""]
+        metrics = sorted({k for p in fallback["points"] for k in p["metrics"]} & {"cosine_mean", "nn_agreement",
+                                                                                 "top1_agreement", "sqnr_db"})
+        rows = [(p["rung"], str(p["units"]), *(_fmt(p["metrics"].get(m)) for m in metrics),
+                 _share(p["shares"]["mac_share_int8"]), _share(p["shares"]["mac_share_npu"]),
+                 _share(p["shares"]["node_share_npu"]), "pass" if p["passed"] else "fail") for p in fallback["points"]]
+        lines.append(format_table(("rung", "units", *metrics, "int8 MACs", "NPU MACs", "NPU nodes", "gates"), rows,
+                                  markdown=True))
+        config = fallback["config"]
+        lines += ["", f"Chosen: {len(config['promoted_to_16_bits'])} tensors at 16 bits, {len(config['bf16_nodes'])} "
+                  f"nodes in BF16, {len(config['cpu_nodes'])} on the CPU; the held-out gates "
+                  f"{'hold' if fallback['passed'] else 'still fail'}."]
+        lines += [f"- {note}" for note in fallback.get("notes", [])]
+    if layer_errors and layer_errors.get("layers"):
+        lines += ["", "## Worst layers (per-layer SQNR)", "",
+                  f"NPU-emulated, {layer_errors.get('samples')} validation samples, against "
+                  f"`{layer_errors.get('float_model', '')}`; all layers in layer_errors.json.", ""]
+        rows = [(str(i + 1), f"`{l['tensor']}`", l["op_type"], f"{l['sqnr_db']:.2f}", _fmt(l["cosine"]),
+                 l.get("note", "")) for i, l in enumerate(layer_errors["layers"][:10])]
+        lines.append(format_table(("#", "tensor", "op", "SQNR (dB)", "cosine", "note"), rows, markdown=True))
+    return lines

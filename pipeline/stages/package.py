@@ -5,11 +5,15 @@
     vitisai_ep.json       VitisAI execution provider options for the target chip family
     vitisai_config.json   BF16 compile options (BF16 only)
     placement.json        predicted NPU/CPU placement and readiness (`npu-pipeline inspect`)
+    layer_errors.json     per-layer SQNR/cosine, worst first (validate)
+    transforms.json       what the accuracy transforms did, per layer (when the recipe asks for any)
+    fallback.json         the accuracy-aware fallback's search: every scored config, the chosen one
     manifest.json         recipe, I/O signature, settings, metrics, gates, versions, sha256 of every file
     report.md             what a person reads: accuracy, gates, placement, per-stage time
+    report.html           the same and the plots (per-layer SQNR, fallback curve, histograms); offline
 
-Everything but `report.md` is deterministic (no timestamps, sorted keys), so two clean runs give
-byte-identical files; `report.md` holds wall-clock stage times and is therefore not hashed.
+Everything but `report.md` is deterministic (no timestamps, sorted keys; report.html included), so two
+clean runs give byte-identical files; `report.md` holds wall-clock stage times and is therefore not hashed.
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ class PackageStage(Stage):
     name = "artifact"
     # The manifest embeds the whole recipe, so every section is part of the key.
     sections = tuple(name for name in Recipe.model_fields if name != "base_dir")
-    after = ("prepare", "quantize", "validate")
-    revision = 1
+    after = ("prepare", "calibrate", "quantize", "validate")
+    revision = 2  # 2: layer_errors/transforms/fallback JSON and report.html
 
     def run(self, ctx: RunContext, out: Path) -> dict:
         from ..inspect import inspect_model, write_json
@@ -74,9 +78,7 @@ class PackageStage(Stage):
         gates = evaluate_gates(list(recipe.gates), metrics)
         records = {name: ctx.record(name) for name in STAGE_ORDER}
         quant_record = records["quantize"].metrics
-        files = {
-            p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name not in UNHASHED
-        }
+        extras = _copy_reports(ctx, out)
         manifest = {
             "name": recipe.name,
             "description": recipe.description,
@@ -96,11 +98,72 @@ class PackageStage(Stage):
             "placement": inspection.summary(),
             "recipe": recipe.model_dump(mode="json"),
             "versions": library_versions(),
-            "files": files,
             "stage_keys": {name: rec.key for name, rec in records.items()},
         }
+        if extras:
+            manifest["accuracy_work"] = _accuracy_summary(extras)
+        _write_html(ctx, out, manifest, metrics, extras)
+        files = {
+            p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name not in UNHASHED
+        }
+        manifest["files"] = files
         atomic_write(out / "manifest.json", dump_json(manifest))
         from ..report import render_markdown
 
-        atomic_write(out / "report.md", render_markdown(manifest, metrics, records, inspection))
+        atomic_write(out / "report.md", render_markdown(manifest, metrics, records, inspection, **extras))
         return {"gates_passed": manifest["gates_passed"], "gates": manifest["gates"], "files": files}
+
+
+_REPORTS = (("layer_errors", "validate"), ("transforms", "quantize"), ("fallback", "quantize"))
+
+
+def _copy_reports(ctx: RunContext, out: Path) -> dict:
+    """Copy the per-layer, transform and fallback JSON into the bundle; returns them by name."""
+    found = {}
+    for name, stage in _REPORTS:
+        source = ctx.stage_dir(stage) / f"{name}.json"
+        if source.is_file():
+            shutil.copyfile(source, out / source.name)
+            found[name] = json.loads(source.read_text())
+    if "transforms" in found:
+        found["transforms"] = found["transforms"]["transforms"]
+    return found
+
+
+def _accuracy_summary(extras: dict) -> dict:
+    summary = {}
+    if "transforms" in extras:
+        summary["transforms"] = {name: len(part["applied"]) for name, part in sorted(extras["transforms"].items())}
+    if "fallback" in extras:
+        fb = extras["fallback"]
+        summary["fallback"] = {
+            "passed_on_held_out": fb["passed"],
+            "promoted_to_16_bits": len(fb["config"]["promoted_to_16_bits"]),
+            "bf16_nodes": len(fb["config"]["bf16_nodes"]),
+            "cpu_nodes": len(fb["config"]["cpu_nodes"]),
+            "shares": fb["chosen"]["shares"] if fb.get("chosen") else None,
+        }
+    if "layer_errors" in extras:
+        summary["worst_layers"] = [
+            {"tensor": l["tensor"], "sqnr_db": l["sqnr_db"]} for l in extras["layer_errors"]["layers"][:5]
+        ]
+    return summary
+
+
+def _write_html(ctx: RunContext, out: Path, manifest: dict, metrics: dict, extras: dict) -> None:
+    from ..html_report import render_html, worst_histograms
+
+    stats = ctx.stage_dir("quantize") / "stats.npz"  # recollected after transforms
+    if not stats.is_file():
+        stats = ctx.stage_dir("calibrate") / "stats.npz"
+    ranges_file = ctx.stage_dir("quantize") / "ranges.json"
+    ranges = json.loads(ranges_file.read_text()).get("tensors", {}) if ranges_file.is_file() else {}
+    page = render_html(
+        manifest=manifest,
+        metrics=metrics,
+        layer_errors=extras.get("layer_errors"),
+        fallback=extras.get("fallback"),
+        transforms=extras.get("transforms"),
+        histograms=worst_histograms(extras.get("layer_errors"), stats, ranges),
+    )
+    atomic_write(out / "report.html", page)

@@ -11,6 +11,12 @@ What we decide is what to quantize and with which range:
   (the masked spike is ignored, and the range is wide enough that clipped masked scores still vanish);
 - XINT8: power-of-two scales chosen by minimising quantization MSE, for activations and weights alike.
 
+Before Q/DQ insertion, the recipe's accuracy transforms (cross-layer equalization, SmoothQuant, bias
+correction; `pipeline.transforms`) rewrite a copy of the float model, and statistics that went stale are
+recollected on it; then, if the recipe enables it, the accuracy-aware fallback (`pipeline.fallback`)
+chooses which tensors go to 16 bits and which nodes to BF16 or the CPU, checking the gates on held-out
+calibration data. Both are done here so calibrate's statistics stay those of the prepared model.
+
 BF16 needs no quantizer: the NPU compiles the float32 model to bfloat16 itself, so the artifact is the
 float model, and validation runs a copy that rounds to bfloat16 at every op boundary.
 """
@@ -155,6 +161,23 @@ def _pow2_override(scale: float) -> dict:
     return {"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}
 
 
+def _promoted_constants(model, promoted: set[str]) -> list[str]:
+    """Constant operands (not weights or biases) of the nodes that write a promoted tensor: a bias Add or
+    a position-embedding Add computing at 16 bits reads its constant at 16 bits too (as in A16W8)."""
+    from onnx import TensorProto
+
+    init = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    found = set()
+    for node in model.graph.node:
+        if not promoted & set(node.output):
+            continue
+        for slot, name in enumerate(node.input):
+            is_weight = node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and slot >= 1
+            if name in init and not is_weight:
+                found.add(name)
+    return sorted(found)
+
+
 def choose_range(stats: "S.TensorStats", method: CalibMethod, *, bits: int, symmetric: bool, percentile: float):
     """(lo, hi, method used) for one tensor."""
     if method is CalibMethod.MINMAX:
@@ -175,6 +198,15 @@ class QuantizeStage(Stage):
     name = "quantize"
     sections = ("quantization", "calibration")
     after = ("prepare", "calibrate")
+    revision = 2
+
+    def extra_key(self, ctx: RunContext) -> dict:
+        if not ctx.recipe.quantization.fallback.enabled:
+            return {}
+        # The fallback searches until the gates hold, scoring held-out data with the validation task's
+        # metrics on this output: all three shape its result.
+        recipe = ctx.recipe
+        return {"gates": recipe.section_json("gates"), "task": recipe.validation.task, "output": recipe.validation.output}
 
     def run(self, ctx: RunContext, out: Path) -> dict:
         target, fmt = resolve_format(ctx.recipe)
@@ -195,20 +227,76 @@ def _bf16(ctx: RunContext, model, out: Path, target) -> dict:
 
 
 def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
+    """Transforms (optional) -> fallback search (optional) -> QDQ insertion, in that order.
+
+    Writes model.onnx and ranges.json; with transforms also float.onnx (the float graph that was
+    quantized) and transforms.json; with the fallback fallback.json, and emulated.onnx when nodes went
+    to BF16 (validate runs that one: the QDQ model with those nodes rounded to bfloat16).
+    """
+    from ..fallback import FallbackConfig, RecipeFallback, npu_numerics
+
     recipe = ctx.recipe
+    settings = recipe.quantization
     collector = S.StatsCollector.load(ctx.require("calibrate", "stats.npz"))
-    quantized, ranges, info = quantize_qdq(
-        model,
-        collector,
-        target=target,
-        fmt=fmt,
-        method=recipe.calibration.method,
-        percentile=recipe.calibration.percentile,
-        exclude_nodes=recipe.quantization.exclude_nodes,
-    )
+    common = dict(target=target, fmt=fmt, method=recipe.calibration.method, percentile=recipe.calibration.percentile)
+    transformed, collector, report = _transform(ctx, model, collector, common)
+
+    def quantize(config: FallbackConfig):
+        moved = sorted(config.bf16 | config.cpu)
+        return quantize_qdq(transformed, collector, **common, exclude_nodes=[*settings.exclude_nodes, *moved],
+                            promote={t: 16 for t in config.promote}, promote_method=settings.fallback.promoted_method)
+
+    config = FallbackConfig()
+    fallback = None
+    if settings.fallback.enabled and recipe.gates:
+        fallback = RecipeFallback(recipe, transformed, model, quantize, target, fmt, progress=ctx.progress).run()
+        config = fallback.config
+        atomic_write(out / "fallback.json", dump_json(fallback.to_json()))
+    quantized, ranges, info = quantize(config)
     save_onnx(quantized, out / "model.onnx")
+    if config.bf16:
+        save_onnx(npu_numerics(quantized, config), out / "emulated.onnx")
+    if report is not None:
+        if report.stale:  # the statistics the ranges came from (the report draws their histograms)
+            collector.save(out / "stats.npz")
+        save_onnx(transformed, out / "float.onnx")
+        atomic_write(out / "transforms.json", dump_json({"transforms": report.report, "stale": sorted(report.stale)}))
+        info["transforms"] = {name: len(part["applied"]) for name, part in report.report.items()}
+    if fallback is not None:
+        info["fallback"] = {"passed": fallback.passed, **config.to_json(),
+                            "chosen": fallback.chosen.to_json() if fallback.chosen else None}
     atomic_write(out / "ranges.json", dump_json({"format": fmt.value, "tensors": ranges}))
     return info
+
+
+def _transform(ctx: RunContext, model, collector, common: dict):
+    """The recipe's accuracy transforms on the float model; statistics recollected where they went stale.
+
+    Applied here, before Q/DQ insertion, so calibrate's statistics stay those of the prepared model and
+    quantize can still be rerun without transforms. Returns (model, statistics, TransformResult or None).
+    """
+    settings = ctx.recipe.quantization
+    if not (settings.cross_layer_equalization or settings.smoothquant is not None or settings.bias_correction):
+        return model, collector, None
+    from ..data import open_dataset
+    from ..transforms import apply_transforms
+    from .calibrate import collect_statistics
+
+    recipe = ctx.recipe
+    samples = min(settings.transform_samples, recipe.calibration.samples)
+    result = apply_transforms(
+        model,
+        cross_layer_equalization=settings.cross_layer_equalization,
+        smoothquant=settings.smoothquant,
+        bias_correction=settings.bias_correction,
+        batches=lambda: open_dataset(recipe, "calibration", limit=samples),
+        samples=samples,
+        # Bias correction reads the weights the quantizer makes; they depend on the weights only.
+        quantize=lambda m: quantize_qdq(m, collector, **common, exclude_nodes=settings.exclude_nodes)[0],
+    )
+    if result.stale:
+        collector = collect_statistics(result.model, open_dataset(recipe, "calibration"), progress=ctx.progress)
+    return result.model, collector, result
 
 
 def quantize_qdq(
@@ -221,11 +309,13 @@ def quantize_qdq(
     percentile: float = 99.999,
     exclude_nodes: Iterable[str] = (),
     promote: Mapping[str, int] | None = None,
+    promote_method: CalibMethod | None = None,
 ):
     """QDQ-quantize `model` with ranges from `collector`; returns (model, ranges by tensor, info).
 
     `exclude_nodes` stay float (they run on the CPU). `promote` maps activation tensors to a wider
-    integer (16 bits): the accuracy-aware fallback's first step before giving a node up to the CPU.
+    integer (16 bits): the accuracy-aware fallback's first step before giving a node up to the CPU;
+    `promote_method` (default: `method`) chooses their ranges.
     """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
@@ -247,10 +337,11 @@ def quantize_qdq(
     for name in collector.names:
         stats = collector[name]
         bits = promote.get(name, spec.activation_bits)
+        how = promote_method if promote_method is not None and bits != spec.activation_bits else method
         if name in masked_scores and masked_scores[name] in collector:
-            lo, hi, used = _masked_softmax_range(collector[masked_scores[name]], method, percentile, bits)
+            lo, hi, used = _masked_softmax_range(collector[masked_scores[name]], how, percentile, bits)
         else:
-            lo, hi, used = choose_range(stats, method, bits=bits, symmetric=symmetric, percentile=percentile)
+            lo, hi, used = choose_range(stats, how, bits=bits, symmetric=symmetric, percentile=percentile)
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise StageError(f"quantize: range of '{name}' is not finite ({lo}, {hi})")
         if spec.power_of_two and bits == 8:
@@ -263,6 +354,8 @@ def quantize_qdq(
         methods[name] = {"lo": lo, "hi": hi, "method": used, "bits": bits}
     if spec.power_of_two:
         overrides.update(_weight_pow2_overrides(model, spec, set(op_types)))
+    for name in _promoted_constants(model, {t for t, b in promote.items() if b == 16}):
+        overrides[name] = [{"quant_type": QuantType.QInt16}]
     extra = {
         "ActivationSymmetric": symmetric,
         "WeightSymmetric": True,

@@ -93,6 +93,7 @@ class ValidateStage(Stage):
     name = "validate"
     sections = ("inputs", "validation", "quantization")
     after = ("prepare", "quantize")
+    revision = 2  # 2: per-layer errors (layer_errors.json); BF16 fallback nodes emulated
 
     def extra_key(self, ctx: RunContext) -> dict:
         from ..data import dataset_fingerprint
@@ -105,7 +106,9 @@ class ValidateStage(Stage):
         recipe = ctx.recipe
         _, fmt = resolve_format(recipe)
         float_session = make_session(ctx.require("prepare", "model.onnx"))
-        quantized = ctx.require("quantize", "emulated.onnx" if fmt is Format.BF16 else "model.onnx")
+        # BF16, or a QDQ model whose fallback moved nodes to BF16: the copy that rounds them to bfloat16.
+        bf16_nodes = fmt is not Format.BF16 and (ctx.stage_dir("quantize") / "emulated.onnx").is_file()
+        quantized = ctx.require("quantize", "emulated.onnx" if fmt is Format.BF16 or bf16_nodes else "model.onnx")
         npu_session = make_session(quantized, npu_emulation=True)
         cpu_session = None if fmt is Format.BF16 else make_session(ctx.require("quantize", "model.onnx"))
         names = [o.name for o in float_session.get_outputs()]
@@ -136,7 +139,8 @@ class ValidateStage(Stage):
             "samples": len(refs),
             "task": recipe.validation.task,
             "task_output": task_output,
-            "numerics": "bf16-emulated" if fmt is Format.BF16 else "npu-emulated (unfused QDQ)",
+            "numerics": "bf16-emulated" if fmt is Format.BF16 else
+                        "npu-emulated (unfused QDQ, BF16 nodes rounded)" if bf16_nodes else "npu-emulated (unfused QDQ)",
             **task_metrics(recipe.validation.task, ref_all, npu_all, labels),
             **npu_acc[task_output].result(),
             "outputs": {n: acc.result() for n, acc in npu_acc.items()},
@@ -147,4 +151,21 @@ class ValidateStage(Stage):
                 **cpu_acc.result(),
             }
         atomic_write(out / "metrics.json", dump_json(metrics))
+        _write_layer_errors(ctx, out, quantized, bf16=fmt is Format.BF16)
         return metrics
+
+
+LAYER_ERROR_SAMPLES = 16  # per-layer SQNR: a ranking, so a few samples do
+
+
+def _write_layer_errors(ctx: RunContext, out: Path, quantized: Path, *, bf16: bool) -> None:
+    """layer_errors.json: SQNR/cosine per quantized tensor against the float graph that was quantized."""
+    from ..fallback import layer_error_report
+    from ..onnx_utils import load_onnx
+
+    transformed = ctx.stage_dir("quantize") / "float.onnx"
+    reference = transformed if transformed.is_file() else ctx.require("prepare", "model.onnx")
+    batches = list(open_dataset(ctx.recipe, "validation", limit=LAYER_ERROR_SAMPLES))
+    report = layer_error_report(load_onnx(reference), load_onnx(quantized), batches, bf16=bf16)
+    report["float_model"] = "quantize/float.onnx (after transforms)" if transformed.is_file() else "prepare/model.onnx"
+    atomic_write(out / "layer_errors.json", dump_json(report))

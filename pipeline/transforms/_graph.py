@@ -1,0 +1,132 @@
+"""A small mutable view of an ONNX graph for the float-graph transforms: producers, consumers, static
+shapes, constants that can be read and written without touching a constant another node shares."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["Editable", "WEIGHT_OPS"]
+
+# Ops with a constant weight whose input channels can absorb a per-channel scale.
+WEIGHT_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+class Editable:
+    """Index over `model` (edited in place). Build a new one after changing the graph's structure."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in g.node:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
+        self.outputs = {o.name for o in g.output}
+        self.shapes = _static_shapes(model)
+        self._used = {n.name for n in g.node} | set(self.inits) | set(self.producer)
+        self._used |= {i.name for i in g.input} | {name for node in g.node for name in node.input}
+
+    attr = staticmethod(_attr)
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of a float initializer (a copy), or None when `name` is not one."""
+        t = self.inits.get(name)
+        if t is None or t.data_type != onnx.TensorProto.FLOAT:
+            return None
+        return numpy_helper.to_array(t).copy()
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if name in self.inits:
+            return tuple(self.inits[name].dims)
+        return self.shapes.get(name)
+
+    def only_consumer(self, name: str) -> onnx.NodeProto | None:
+        """The single node that reads `name`, or None when it has several readers or is a graph output."""
+        readers = self.consumers.get(name, [])
+        if len(readers) != 1 or name in self.outputs:
+            return None
+        return readers[0]
+
+    def set_input_const(self, node: onnx.NodeProto, slot: int, value: np.ndarray, tag: str) -> None:
+        """Give `node` a new constant at input `slot`: a fresh initializer, so sharers keep the old one."""
+        old = node.input[slot] if slot < len(node.input) else ""
+        base = f"{old or node.name}_{tag}"
+        name, k = base, 0
+        while name in self._used:
+            k += 1
+            name = f"{base}_{k}"
+        self._used.add(name)
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name)
+        self.model.graph.initializer.append(tensor)
+        self.inits[name] = tensor
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = name
+        self.consumers.setdefault(name, []).append(node)
+        if old:
+            self.consumers[old] = [n for n in self.consumers.get(old, []) if n is not node]
+            if not self.consumers[old] and old in self.inits and old not in {i.name for i in self.model.graph.input}:
+                self.model.graph.initializer.remove(self.inits.pop(old))
+
+    def weight(self, node: onnx.NodeProto) -> tuple[np.ndarray, int] | None:
+        """(weight, input-channel axis of the weight) for a MatMul/Gemm/Conv with a constant weight."""
+        if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
+            return None
+        w = self.const(node.input[1])
+        if w is None:
+            return None
+        if node.op_type == "MatMul":
+            return (w, 0) if w.ndim == 2 else None
+        if node.op_type == "Gemm":
+            if _attr(node, "transA", 0) or w.ndim != 2:
+                return None
+            return w, (1 if _attr(node, "transB", 0) else 0)
+        if _attr(node, "group", 1) != 1:  # grouped/depthwise: an input channel is not shared by all outputs
+            return None
+        return w, 1
+
+    @staticmethod
+    def output_axis(node: onnx.NodeProto) -> int:
+        """Output-channel axis of a MatMul/Gemm/Conv weight."""
+        if node.op_type == "Conv":
+            return 0
+        if node.op_type == "Gemm" and _attr(node, "transB", 0):
+            return 0
+        return 1
+
+    @staticmethod
+    def input_channel_axis(node: onnx.NodeProto) -> int:
+        """Channel axis of the activation input of a MatMul/Gemm (last) or Conv (1)."""
+        return 1 if node.op_type == "Conv" else -1
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+        inferred = model  # best effort: the declared shapes only; an unknown shape just stops a fold
+    g = inferred.graph
+    shapes = {}
+    for value in [*g.input, *g.value_info, *g.output]:
+        t = value.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+        if all(d > 0 for d in dims):
+            shapes[value.name] = tuple(dims)
+    return shapes

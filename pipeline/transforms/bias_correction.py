@@ -1,0 +1,116 @@
+"""Bias correction (Nagel et al., 2019): remove the systematic output shift that weight rounding causes.
+
+With quantized weights W_q = W + E, a layer's output moves by E x; its expectation over the data,
+E[x] E per output channel, is a bias the float model never had. It is subtracted from the layer's bias:
+b' = b - sum_k E[x_k] E[k, :] (for a Conv, summed over the kernel window too, which ignores the zero
+padding at the borders). E[x] is the per-channel mean of the layer's float input over the calibration
+samples (`channel_stats`); W_q is what the quantizer actually produces for this model and format (read
+back from a QDQ model), so its rounding and scale rules are never re-implemented here.
+
+Where the bias lives: a Conv's or Gemm's bias input (a Conv without one gets one), or the constant of
+the Add that follows a MatMul (the exporter's MatMul + Add). A MatMul with no bias Add is skipped.
+This changes the float function on purpose, so every statistic downstream of a corrected layer is stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ._graph import Editable
+from .channel_stats import ChannelStats
+from .smoothquant import weight_inputs
+
+__all__ = ["BiasCorrection", "dequantized_weights"]
+
+
+def dequantized_weights(qmodel: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """{node name: the float value of its quantized weight} for every MatMul/Gemm/Conv of a QDQ model."""
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in qmodel.graph.initializer}
+    producer = {o: n for n in qmodel.graph.node for o in n.output}
+    found = {}
+    for node in qmodel.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2:
+            continue
+        dq = producer.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        q = inits[dq.input[0]].astype(np.float64)
+        scale = inits[dq.input[1]].astype(np.float64)
+        zero = inits[dq.input[2]].astype(np.float64) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
+        if scale.ndim == 1 and scale.size > 1:  # per-axis
+            axis = Editable.attr(dq, "axis", 1)
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        found[node.name] = ((q - zero) * scale).astype(np.float32)
+    return found
+
+
+@dataclass
+class BiasCorrection:
+    ops: frozenset[str] = frozenset({"MatMul", "Gemm", "Conv"})
+    applied: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def inputs(self, graph: Editable) -> dict[str, list[onnx.NodeProto]]:
+        return weight_inputs(graph, self.ops)
+
+    def __call__(self, graph: Editable, stats: Mapping[str, ChannelStats], quantized: Mapping[str, np.ndarray]) -> list[str]:
+        """Correct every layer with input statistics and a quantized weight; returns the corrected nodes."""
+        corrected = []
+        for tensor, consumers in self.inputs(graph).items():
+            for node in consumers:
+                if tensor not in stats or node.name not in quantized:
+                    self.skipped.append({"node": node.name, "reason": "no input statistics or not quantized"})
+                    continue
+                w, in_axis = graph.weight(node)
+                wq = quantized[node.name].astype(np.float64)
+                if wq.shape != w.shape:
+                    self.skipped.append({"node": node.name, "reason": "quantized weight has another shape"})
+                    continue
+                error = wq - w  # E
+                out_axis = graph.output_axis(node)
+                mean = stats[tensor].mean
+                # shift[o] = sum over input channels (and the kernel window) of E[o, i, ...] * mean[i]
+                e = np.moveaxis(error, (out_axis, in_axis), (0, 1))
+                shift = e.reshape(e.shape[0], e.shape[1], -1).sum(axis=2) @ mean
+                where = self._correct(graph, node, shift)
+                if where is None:
+                    self.skipped.append({"node": node.name, "reason": "no bias to correct (MatMul without an Add)"})
+                    continue
+                corrected.append(node.name)
+                self.applied.append({
+                    "node": node.name,
+                    "bias": where,
+                    "max_shift": float(np.abs(shift).max()),
+                    "mean_shift": float(np.abs(shift).mean()),
+                })
+        return corrected
+
+    @staticmethod
+    def _correct(graph: Editable, node: onnx.NodeProto, shift: np.ndarray) -> str | None:
+        if node.op_type in ("Conv", "Gemm"):
+            if len(node.input) > 2 and node.input[2]:
+                bias = graph.const(node.input[2])
+                if bias is None:
+                    return None
+                new = np.broadcast_to(bias.reshape(-1), shift.shape) - shift
+                graph.set_input_const(node, 2, new.reshape(-1) if bias.size == shift.size else new, "biascorr")
+                return f"{node.op_type} '{node.name}' bias"
+            graph.set_input_const(node, 2, -shift, "biascorr")
+            return f"{node.op_type} '{node.name}' new bias"
+        add = graph.only_consumer(node.output[0])
+        if add is None or add.op_type != "Add":
+            return None
+        slot = 0 if graph.const(add.input[0]) is not None else 1
+        bias = graph.const(add.input[slot])
+        if bias is None or bias.size != shift.size:
+            return None
+        graph.set_input_const(add, slot, bias - shift.reshape(bias.shape), "biascorr")
+        return f"Add '{add.name}' constant"
