@@ -22,8 +22,15 @@ gate whose metric the held-out split cannot give (accuracy without labels) is le
 and reported. The recipe bounds the search, as shares given up against the all-int8 model:
 `max_mac_share_off_int8` (MACs that may leave int8 for 16-bit activations, BF16 or the CPU),
 `max_mac_share_off_npu` and `max_node_share_off_npu` (MACs and nodes that may go to the CPU; both 0
-by default, which leaves the CPU rung nothing to move). Every evaluated point is kept: held-out metrics against the NPU/int8 shares of MACs and nodes (from
-`pipeline.inspect`'s placement), which the report draws as the accuracy-vs-NPU-share curve.
+by default, which leaves the CPU rung nothing to move). Every evaluated point is kept: held-out metrics
+against the int8/NPU shares of MACs and nodes (from `pipeline.inspect`'s placement of the all-int8 model,
+with the moved nodes re-labelled), which the report draws as the accuracy-vs-share curves. A rung that
+fails even in full also scores `curve_points` shorter prefixes, only so that the curve has a middle.
+
+What a chosen configuration means on the device is not all documented: a QDQ model mixing int8 and
+int16 activations (XDNA2 takes both formats) and float "BF16 island" nodes in a QDQ model (XDNA2 compiles
+float models to BF16) are emulated here op by op; `inspect` flags int16 Q/DQ under a8w8 and places the
+float nodes on the CPU, and the report says so rather than hiding it.
 """
 
 from __future__ import annotations
@@ -226,14 +233,22 @@ def layer_error_report(float_model, qmodel, batches: Sequence[dict], *, bf16: bo
 
     A Softmax input that carries an additive attention mask is rescored on its unmasked positions
     (a masked score clipped to the range's bottom changes nothing, but counts as a huge error).
+    `bf16`: `qmodel` is a bfloat16-rounding copy; every float node output is compared by name.
     """
-    from .layer_error import layer_errors, quantized_view
+    from .layer_error import LayerError, layer_errors, quantized_view
     from .stages.quantize import _masked_softmax_inputs, mask_path_nodes
 
-    errors = layer_errors(float_model, qmodel, batches, bf16=bf16)
-    masked = [] if bf16 else [t for t in _masked_softmax_inputs(float_model, mask_path_nodes(float_model))
-                              if t in quantized_view(qmodel)]
-    rescored = _masked_errors(float_model, qmodel, batches, masked) if masked else {}
+    producers = {o: n for n in float_model.graph.node for o in n.output}
+    if bf16:  # layer_errors(bf16=True) would expose integer outputs (mask path) as float: compare floats only
+        pairs = {t: t for t in _float_outputs(float_model) & _float_outputs(qmodel)}
+        measured = _errors(float_model, qmodel, batches, pairs)
+        errors = [LayerError(t, producers[t].name, producers[t].op_type, *measured[t]) for t in sorted(pairs)]
+        masked = []
+    else:
+        errors = layer_errors(float_model, qmodel, batches)
+        view = quantized_view(qmodel)
+        masked = [t for t in _masked_softmax_inputs(float_model, mask_path_nodes(float_model)) if t in view]
+    rescored = _errors(float_model, qmodel, batches, {t: view[t] for t in masked}, masked=True) if masked else {}
     order = {o: i for i, n in enumerate(float_model.graph.node) for o in n.output}
     layers = []
     for e in errors:
@@ -248,23 +263,37 @@ def layer_error_report(float_model, qmodel, batches: Sequence[dict], *, bf16: bo
     return {"samples": len(batches), "layers": layers}
 
 
-def _masked_errors(float_model, qmodel, batches, tensors: Sequence[str]) -> dict[str, tuple[float, float]]:
-    from .layer_error import quantized_view
+def _float_outputs(model) -> set[str]:
+    """Node outputs that onnx shape inference types as float32."""
+    import onnx
+    from onnx import TensorProto
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    return {v.name for v in [*inferred.graph.value_info, *inferred.graph.output]
+            if v.type.tensor_type.elem_type == TensorProto.FLOAT} & {o for n in model.graph.node for o in n.output}
+
+
+def _errors(float_model, qmodel, batches, pairs: dict[str, str], *, masked: bool = False) -> dict[str, tuple[float, float]]:
+    """{float tensor: (SQNR dB, cosine)} of `pairs` (float tensor -> the qmodel value to compare), streamed.
+
+    `masked`: only positions where the float value is above MASKED_BELOW count.
+    """
     from .onnx_utils import make_session
 
-    view = quantized_view(qmodel)
-    f_session = make_session(_expose(float_model, tensors).SerializeToString(), optimize=False)
-    q_session = make_session(_expose(qmodel, [view[t] for t in tensors]).SerializeToString(), npu_emulation=True)
+    names = list(pairs)
+    f_session = make_session(_expose(float_model, names).SerializeToString(), optimize=False)
+    q_session = make_session(_expose(qmodel, [pairs[t] for t in names]).SerializeToString(), npu_emulation=True)
     f_index = {o.name: i for i, o in enumerate(f_session.get_outputs())}
     q_index = {o.name: i for i, o in enumerate(q_session.get_outputs())}
-    sums = {t: np.zeros(4) for t in tensors}  # signal, noise, dot, quantized energy
+    sums = {t: np.zeros(4) for t in names}  # signal, noise, dot, quantized energy
     for batch in batches:
         f_out, q_out = f_session.run(None, batch), q_session.run(None, batch)
-        for t in tensors:
+        for t in names:
             ref = f_out[f_index[t]].astype(np.float64).ravel()
-            got = q_out[q_index[view[t]]].astype(np.float64).ravel()
-            keep = ref > MASKED_BELOW
-            ref, got = ref[keep], got[keep]
+            got = q_out[q_index[pairs[t]]].astype(np.float64).ravel()
+            if masked:
+                keep = ref > MASKED_BELOW
+                ref, got = ref[keep], got[keep]
             sums[t] += [ref @ ref, (got - ref) @ (got - ref), ref @ got, got @ got]
     out = {}
     for t, (signal, noise, dot, energy) in sums.items():

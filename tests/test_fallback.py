@@ -291,3 +291,30 @@ def test_minilm_recipe_smoothquant_and_fallback_on_few_samples(tmp_path):
     assert all("attention mask" in l.get("note", "") and l["sqnr_db"] > 5 for l in scores)  # not ~0 dB
     assert result.metrics["cosine_mean"] > 0.95
     assert (result.artifact / "report.html").is_file()
+
+
+def test_layer_error_report_in_bf16_skips_integer_tensors():
+    """BF16 numerics compare float node outputs by name; an int64 path (an attention mask's) is left out."""
+    from pipeline.bf16 import emulate_bf16
+    from pipeline.fallback import layer_error_report
+
+    nodes = [
+        helper.make_node("Unsqueeze", ["ids", "axes"], ["u"], name="unsq"),
+        helper.make_node("Cast", ["u"], ["uf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "uf"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([1], np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    batches = [{"x": np.random.default_rng(1).standard_normal((1, 2, 4)).astype(np.float32),
+                "ids": np.arange(4, dtype=np.int64).reshape(1, 4)}]
+    report = layer_error_report(model, emulate_bf16(model), batches, bf16=True)
+    names = {l["tensor"] for l in report["layers"]}
+    assert names == {"uf", "m", "y"} and all(20 < l["sqnr_db"] <= 200 for l in report["layers"])
