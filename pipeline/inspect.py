@@ -246,7 +246,7 @@ def inspect_model(
 
     _check_graph(g, target, opset, violations, warnings)
     if quantized:
-        _check_qdq(g, qdq, fmt, violations, warnings)
+        _check_qdq(g, qdq, fmt, violations, warnings, target=target)
     placed = predict_placement(g, target, fmt, quantized=quantized)
     _placement_warnings(placed, target, warnings)
     return Inspection(name, target.name, fmt, detected, quantized, opset, violations, warnings,
@@ -386,11 +386,18 @@ def _candidates(g: Graph, qdq: list[_QInfo]) -> list[Format]:
     return [Format.U8S8] if "uint8" in acts else [Format.A8W8]
 
 
-def _check_qdq(g: Graph, qdq: list[_QInfo], fmt: Format, violations: list, warnings: list) -> None:
+def _check_qdq(
+    g: Graph, qdq: list[_QInfo], fmt: Format, violations: list, warnings: list, *, target: Target
+) -> None:
     spec = QUANT_SPECS.get(fmt)
     if spec is None:
         return
-    per_channel, unreadable = [], []
+    # Mixed precision: activations of another integer format the same target takes (the accuracy-aware
+    # fallback promotes sensitive values of an A8W8 model to 16 bits). Allowed, but its acceptance by the
+    # compiler in one graph is not documented, so it is a warning, not a pass.
+    others = [QUANT_SPECS.get(f) for f in target.formats if f != fmt]
+    wider = {t for o in others if o is not None for t in o.activations if t.endswith("16")} - spec.activations
+    per_channel, unreadable, mixed = [], [], []
     for q in qdq:
         where, node = g.names[q.index], g.nodes[q.index]
         if q.dtype == "?":
@@ -404,7 +411,9 @@ def _check_qdq(g: Graph, qdq: list[_QInfo], fmt: Format, violations: list, warni
         accepted = spec.weights if q.role == "weight" else spec.activations
         if q.role == "constant":  # other constants (an Add's operand, a MatMul+Add bias): any of them
             accepted = spec.weights | spec.activations | {"int32"}
-        if q.dtype not in accepted:
+        if q.dtype not in accepted and q.role in ("activation", "constant") and q.dtype in wider:
+            mixed.append(where)
+        elif q.dtype not in accepted:
             violations.append(Finding("qdq-dtype", where, f"{q.role} {node.op_type} is {q.dtype}; {fmt.value} "
                                       f"takes {'/'.join(sorted(accepted))}; requantize in {fmt.value}"))
             continue
@@ -428,6 +437,10 @@ def _check_qdq(g: Graph, qdq: list[_QInfo], fmt: Format, violations: list, warni
     if per_channel and not spec.per_channel:
         warnings.append(Finding("per-channel", per_channel[0], f"{len(per_channel)} Q/DQ nodes have per-channel "
                                 f"scales; {fmt.value} is documented per tensor only"))
+    if mixed:
+        warnings.append(Finding("mixed-precision", mixed[0], f"{len(mixed)} activation Q/DQ nodes use a wider "
+                                f"type than {fmt.value} (mixed precision from the fallback); {target.name} takes "
+                                "both formats, but mixing them in one graph is not documented: check on device"))
     if unreadable:
         warnings.append(Finding("qdq-unreadable", unreadable[0], f"{len(unreadable)} Q/DQ nodes have a type or "
                                 "scale that is not known statically; their rules were not checked"))

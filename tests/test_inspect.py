@@ -401,3 +401,30 @@ def test_findings_are_tuples_of_rule_where_message():
     assert isinstance(finding, Finding) and isinstance(finding, tuple)
     rule, where, message = finding
     assert (rule, where) == ("opset", "opset_import") and "\n" not in message
+
+
+def test_sixteen_bit_values_in_an_a8w8_model_are_mixed_precision_not_a_violation():
+    """The accuracy-aware fallback promotes values of an A8W8 model to int16 (A16W8 on the same chip)."""
+    import torch
+
+    from pipeline.stages.calibrate import collect_statistics
+    from pipeline.stages.quantize import quantize_qdq
+    from pipeline.recipe import CalibMethod, Format
+    from pipeline.targets import get_target
+
+    import io
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3)).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (torch.randn(1, 1, 8, 8),), buffer, input_names=["x"], opset_version=17, dynamo=False)
+    model = onnx.shape_inference.infer_shapes(onnx.load_from_string(buffer.getvalue()))
+    rng = np.random.default_rng(0)
+    stats = collect_statistics(model, [{"x": rng.standard_normal((1, 1, 8, 8)).astype(np.float32)}], progress=False)
+    promoted = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
+    quantized, _, _ = quantize_qdq(model, stats, target=get_target("xdna2"), fmt=Format.A8W8,
+                                   method=CalibMethod.MINMAX, promote={promoted[0]: 16})
+    xdna2 = inspect_model(quantized, "xdna2", "a8w8")
+    assert xdna2.ok, xdna2.violations
+    assert any(w.rule == "mixed-precision" for w in xdna2.warnings)
+    xdna1 = inspect_model(quantized, "xdna1", "xint8")  # xdna1 has no 16-bit format: a real violation
+    assert not xdna1.ok
