@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .report import format_value  # one number format for report.md and report.html
+
 __all__ = ["render_html", "worst_histograms", "histogram_series", "svg_scatter", "svg_bars", "svg_histogram"]
 
 _W, _H = 720, 260
@@ -37,14 +39,6 @@ def _e(text) -> str:
 
 def _num(v: float, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
-    return str(value)
 
 
 class _Axes:
@@ -238,7 +232,7 @@ def _accuracy(manifest: dict, metrics: dict) -> list[str]:
            _table(("metric", "NPU (emulated)", "CPU EP"), rows)]
     gates = manifest.get("gates", [])
     if gates:
-        grows = [(_e(g["metric"]), _fmt(g["value"]), _fmt(g["min"]), _fmt(g["max"]),
+        grows = [(_e(g["metric"]), format_value(g["value"]), format_value(g["min"]), format_value(g["max"]),
                   '<span class="pass">pass</span>' if g["passed"] else '<span class="fail">FAIL</span>') for g in gates]
         out += ["<h2>Gates</h2>", _table(("metric", "value", "min", "max", "result"), grows)]
     return out
@@ -281,7 +275,7 @@ def _layers(report: dict) -> list[str]:
            svg_bars([(l["tensor"], l["sqnr_db"], "#cf222e") for l in worst], xlabel="SQNR (dB), worst 20",
                     title="worst layers")]
     rows = [(str(i + 1), f"<code>{_e(l['tensor'])}</code>", _e(l["op_type"]), _num(l["sqnr_db"]),
-             _fmt(l["cosine"]), _e(l.get("note", ""))) for i, l in enumerate(layers[:15])]
+             format_value(l["cosine"]), _e(l.get("note", ""))) for i, l in enumerate(layers[:15])]
     out.append(_table(("#", "tensor", "op", "SQNR (dB)", "cosine", "note"), rows))
     return out
 
@@ -320,7 +314,7 @@ def _fallback(fallback: dict, gates: Sequence[dict]) -> list[str]:
         # The next rung starts from where this one stopped (its longest prefix).
         last = max((p for p in scored if p["rung"] == rung), key=lambda p: p["units"])
         previous = [last]
-    rows = [(_e(p["rung"]), str(p["units"]), *(_fmt(p["metrics"].get(m)) for m in _metric_columns(points)),
+    rows = [(_e(p["rung"]), str(p["units"]), *(format_value(p["metrics"].get(m)) for m in _metric_columns(points)),
              f"{100 * p['shares']['mac_share_int8']:.1f}", f"{100 * p['shares']['mac_share_npu']:.1f}",
              f"{100 * p['shares']['node_share_npu']:.1f}",
              '<span class="pass">pass</span>' if p["passed"] else "fail") for p in points]
@@ -360,7 +354,7 @@ def _placement(manifest: dict) -> list[str]:
     placement = manifest.get("placement", {})
     if not placement:
         return []
-    rows = [(_e(k.replace("_", " ")), _e(_fmt(v))) for k, v in sorted(placement.items())]
+    rows = [(_e(k.replace("_", " ")), _e(format_value(v))) for k, v in sorted(placement.items())]
     return ["<h2>Placement (predicted)</h2>", _table(("", "value"), rows)]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["render_markdown", "accuracy_rows", "format_table"]
+__all__ = ["render_markdown", "accuracy_rows", "format_table", "format_value"]
 
 _ROWS = [
     ("accuracy_float", "float accuracy (%)"),
@@ -17,7 +17,7 @@ _ROWS = [
 ]
 
 
-def _fmt(value) -> str:
+def format_value(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -33,7 +33,7 @@ def accuracy_rows(metrics: dict) -> list[tuple[str, str, str]]:
     """(metric, NPU-emulated value, CPU-EP value) for every metric that was measured."""
     cpu = metrics.get("cpu_ep", {})
     return [
-        (label, _fmt(metrics.get(key)), _fmt(cpu.get(key)) if key != "accuracy_float" else "")
+        (label, format_value(metrics.get(key)), format_value(cpu.get(key)) if key != "accuracy_float" else "")
         for key, label in _ROWS
         if key in metrics
     ]
@@ -79,7 +79,7 @@ def render_markdown(
     gates = manifest.get("gates", [])
     if gates:
         rows = [
-            (g["metric"], _fmt(g["value"]), _fmt(g["min"]), _fmt(g["max"]), "pass" if g["passed"] else "**FAIL**")
+            (g["metric"], format_value(g["value"]), format_value(g["min"]), format_value(g["max"]), "pass" if g["passed"] else "**FAIL**")
             for g in gates
         ]
         lines.append(format_table(("metric", "value", "min", "max", "result"), rows, markdown=True))
@@ -107,7 +107,7 @@ def render_markdown(
     if len(outputs) > 1:
         lines += ["", "## Per output", ""]
         rows = [
-            (name, _fmt(m["cosine_mean"]), _fmt(m["sqnr_db"]), _fmt(m["max_abs_error"])) for name, m in outputs.items()
+            (name, format_value(m["cosine_mean"]), format_value(m["sqnr_db"]), format_value(m["max_abs_error"])) for name, m in outputs.items()
         ]
         lines.append(format_table(("output", "cosine mean", "SQNR (dB)", "max abs error"), rows, markdown=True))
     lines += _accuracy_work(transforms, fallback, layer_errors)
@@ -133,7 +133,7 @@ def _accuracy_work(transforms: dict | None, fallback: dict | None, layer_errors:
                   "Gates checked on a held-out split of the calibration data, not on the validation set.", ""]
         metrics = sorted({k for p in fallback["points"] for k in p["metrics"]} & {"cosine_mean", "nn_agreement",
                                                                                  "top1_agreement", "sqnr_db"})
-        rows = [(p["rung"], str(p["units"]), *(_fmt(p["metrics"].get(m)) for m in metrics),
+        rows = [(p["rung"], str(p["units"]), *(format_value(p["metrics"].get(m)) for m in metrics),
                  _share(p["shares"]["mac_share_int8"]), _share(p["shares"]["mac_share_npu"]),
                  _share(p["shares"]["node_share_npu"]), "pass" if p["passed"] else "fail") for p in fallback["points"]]
         lines.append(format_table(("rung", "units", *metrics, "int8 MACs", "NPU MACs", "NPU nodes", "gates"), rows,
@@ -147,7 +147,7 @@ def _accuracy_work(transforms: dict | None, fallback: dict | None, layer_errors:
         lines += ["", "## Worst layers (per-layer SQNR)", "",
                   f"NPU-emulated, {layer_errors.get('samples')} validation samples, against "
                   f"`{layer_errors.get('float_model', '')}`; all layers in layer_errors.json.", ""]
-        rows = [(str(i + 1), f"`{l['tensor']}`", l["op_type"], f"{l['sqnr_db']:.2f}", _fmt(l["cosine"]),
+        rows = [(str(i + 1), f"`{l['tensor']}`", l["op_type"], f"{l['sqnr_db']:.2f}", format_value(l["cosine"]),
                  l.get("note", "")) for i, l in enumerate(layer_errors["layers"][:10])]
         lines.append(format_table(("#", "tensor", "op", "SQNR (dB)", "cosine", "note"), rows, markdown=True))
     return lines
