@@ -35,16 +35,19 @@ def load_builder(recipe: Recipe):
         raise ModelError(f"model.builder: module '{module_name}' has no function '{func_name}'")
     # A string argument naming a file next to the recipe is passed as an absolute path, so builders
     # need not know where the recipe lives.
-    args = {
-        key: str(recipe.resolve(Path(value))) if isinstance(value, str) and recipe.resolve(Path(value)).exists() else value
-        for key, value in recipe.model.args.items()
-    }
+    args = {key: _file_or_value(recipe, value) for key, value in recipe.model.args.items()}
     built = func(**args)
     if not (isinstance(built, tuple) and len(built) == 2):
         raise ModelError(f"model.builder: {recipe.model.builder} must return (torch module, example inputs tuple)")
     module_obj, example = built
     example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     return module_obj, example
+
+
+def _file_or_value(recipe: Recipe, value):
+    """A string naming an existing file (relative to the recipe) becomes its absolute path."""
+    path = recipe.resolve(Path(value)) if isinstance(value, str) else None
+    return str(path) if path is not None and path.exists() else value
 
 
 def _builder_fingerprint(recipe: Recipe) -> dict:

@@ -209,6 +209,7 @@ class PrepareStage(Stage):
         recipe = ctx.recipe
         source = ctx.require("export", "model.onnx")
         model = load_onnx(source, where="exported model")
+        nodes_before = len(model.graph.node)
         changed = fix_input_shapes(model, recipe)
         opset_before = model_opset(model)
         if opset_before != recipe.export.opset:
@@ -250,7 +251,7 @@ class PrepareStage(Stage):
             "opset_before": opset_before,
             "fixed_dims": changed,
             "mask_constants_clamped": masks,
-            "nodes_before": len(load_onnx(source).graph.node),
+            "nodes_before": nodes_before,
             "nodes_after": len(final.graph.node),
             "initializer_inputs_dropped": init_inputs,
             "batchnorm_folded": batchnorm["folded"],
