@@ -57,7 +57,7 @@ class RunResult:
 
     @property
     def gates(self) -> list[GateResult]:
-        return [GateResult(**g) for g in self._record("artifact")["gates"]]
+        return [GateResult(**g) for g in self._record("package")["gates"]]
 
 
 def run_recipe(

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import PipelineError
-from .onnx_utils import THREADS_ENV
+from .core.onnx_io import THREADS_ENV
 
 __all__ = ["BatchError", "Shard", "RecipeOutcome", "BatchResult", "collect_recipes", "run_batch"]
 
@@ -185,7 +185,7 @@ class BatchResult:
 
 
 def _write_report(path: Path, text: str, option: str) -> None:
-    from .runner import atomic_write
+    from .core.fileio import atomic_write
 
     try:
         atomic_write(Path(path), text)
@@ -389,7 +389,7 @@ def _worker(argv: list[str]) -> int:
     from .api import run_recipe
     from .errors import GateError
     from .recipe import load_recipe
-    from .runner import atomic_write, dump_json
+    from .core.fileio import atomic_write, dump_json
 
     stages: dict[str, dict] = {}
     gates: list[dict] = []
@@ -397,16 +397,14 @@ def _worker(argv: list[str]) -> int:
     def on_stage(outcome) -> None:
         stages[outcome.name] = {"cached": outcome.cached, "seconds": outcome.record.seconds}
         print(f"  {outcome.name:<10} {'cached (unchanged)' if outcome.cached else f'{outcome.record.seconds:.2f} s'}")
-        if outcome.name == "artifact":
+        if outcome.name == "package":
             gates[:] = outcome.record.metrics.get("gates", [])
 
     fields: dict = {"stages": stages, "gates": gates}
     try:
         recipe = load_recipe(args.recipe)
         fields["name"] = recipe.name
-        from .stages.quantize import resolve_format
-
-        target, fmt = resolve_format(recipe)
+        target, fmt = recipe.target_and_format()
         fields.update(target=target.name, format=fmt.value)
         print(f"{recipe.name}: {args.out}")
         run_recipe(recipe, out=args.out, force=args.force, progress=False, on_stage=on_stage)
@@ -422,7 +420,7 @@ def _worker(argv: list[str]) -> int:
     artifact = args.out.resolve() / "artifact"
     fields.update(
         status=_status_for(code), exit_code=code, message=one_line(message), detail=message,
-        artifact=str(artifact) if "artifact" in stages else None,
+        artifact=str(artifact) if "package" in stages else None,
     )
     atomic_write(args.result, dump_json(fields))
     return code

@@ -27,7 +27,7 @@ def _child(mode: str, model_path: Path, n: int, recipe_path: Path, method: str) 
     import numpy as np  # noqa: F401  (imported before timing, like the library itself)
 
     from .data import open_dataset
-    from .onnx_utils import load_onnx, make_session
+    from .core.onnx_io import load_onnx, make_session
     from .recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
@@ -40,14 +40,12 @@ def _child(mode: str, model_path: Path, n: int, recipe_path: Path, method: str) 
         for batch in batches:
             session.run(None, batch)
     else:
-        from . import stats as S
-        from .stages.calibrate import collect_statistics
-        from .recipe import CalibMethod
-        from .stages.quantize import choose_range
+        from .quant.ranges import choose_range
+        from .quant.statistics import collect_histograms
 
-        collector = collect_statistics(model, batches, progress=False)
+        collector = collect_histograms(model, batches, progress=False)
         for name in collector.names:  # the range computation is part of calibrating
-            choose_range(collector[name], CalibMethod(method), bits=8, symmetric=True, percentile=99.999)
+            choose_range(collector[name], method, bits=8, symmetric=True, percentile=99.999)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_rss_mib": _peak_rss_kib() / 1024, "samples": len(batches)}
 

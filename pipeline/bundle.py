@@ -38,8 +38,8 @@ class VerifyResult:
 
 def verify_bundle(bundle: Path) -> VerifyResult:
     """Re-hash every file the manifest lists and re-run the readiness rules on the model."""
+    from .core.fileio import sha256_file
     from .inspect import inspect_model
-    from .runner import sha256_file
 
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
@@ -82,7 +82,7 @@ def infer_bundle(bundle: Path, inputs: Path, *, npu_numerics: bool = False) -> t
     """Run the bundle's model on the arrays of `inputs`; returns (outputs by name, provider used)."""
     import onnxruntime as ort
 
-    from .onnx_utils import make_session
+    from .core.onnx_io import make_session
 
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
@@ -96,8 +96,8 @@ def infer_bundle(bundle: Path, inputs: Path, *, npu_numerics: bool = False) -> t
         session = ort.InferenceSession(str(model), providers=[(VITISAI, options), "CPUExecutionProvider"])
         provider = VITISAI
     elif npu_numerics and manifest["format"] == "bf16":
-        from .bf16 import emulate_bf16
-        from .onnx_utils import load_onnx
+        from .quant.bf16 import emulate_bf16
+        from .core.onnx_io import load_onnx
 
         session = make_session(emulate_bf16(load_onnx(model)).SerializeToString(), npu_emulation=True)
         provider = "CPUExecutionProvider (NPU numerics: bfloat16 rounding at every op)"

@@ -104,11 +104,10 @@ def check(recipes: list[Path] = typer.Argument(..., help="Recipe YAML file(s).")
     """Validate recipes without running them (schema, target, format, data files)."""
     from .errors import DataError
     from .recipe import load_recipe
-    from .stages.quantize import resolve_format
 
     for path in recipes:
         spec = load_recipe(path)
-        target, fmt = resolve_format(spec)
+        target, fmt = spec.target_and_format()
         for section in ("calibration", "validation"):
             data = spec.resolve(getattr(spec, section).data.path)
             if not data.exists():
@@ -161,7 +160,7 @@ def infer(
     import numpy as np
 
     from .bundle import infer_bundle
-    from .runner import atomic_write
+    from .core.fileio import atomic_write
 
     outputs, provider = infer_bundle(bundle, input, npu_numerics=npu_numerics)
     typer.echo(f"ran on: {provider}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .core.tasks import gate_holds
 from .errors import GateError, RecipeError
 from .recipe import Gate
 
@@ -41,7 +42,7 @@ def evaluate_gates(gates: list[Gate], metrics: dict) -> list[GateResult]:
                 f"(available: {available})"
             )
         value = float(metrics[gate.metric])
-        passed = (gate.min is None or value >= gate.min) and (gate.max is None or value <= gate.max)
+        passed = gate_holds(value, gate.min, gate.max)
         results.append(GateResult(gate.metric, value, gate.min, gate.max, passed))
     return results
 

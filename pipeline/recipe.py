@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
+from .core.formats import Format
+from .core.schema import StrictModel as _Strict
+from .data import data_kinds, dataset_schemas
 from .errors import RecipeError
+from .quant.ranges import range_methods
+from .quant.transforms import transform_registry
+from .targets import TARGETS, get_target
 
 __all__ = [
     "Recipe",
@@ -25,32 +30,21 @@ __all__ = [
     "Dataset",
     "Format",
     "CalibMethod",
+    "TransformStep",
     "Gate",
     "load_recipe",
     "recipe_from_dict",
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _known_method(name: str) -> str:
+    if name not in range_methods():
+        raise ValueError(f"unknown range method {name!r}; known: {', '.join(range_methods())}")
+    return name
 
 
-class Format(str, Enum):
-    """Quantization formats. XINT8/A8W8/A16W8/BF16 are the NPU's; U8S8 is the generic CPU format."""
-
-    XINT8 = "xint8"
-    A8W8 = "a8w8"
-    A16W8 = "a16w8"
-    BF16 = "bf16"
-    U8S8 = "u8s8"
-
-
-class CalibMethod(str, Enum):
-    MINMAX = "minmax"
-    PERCENTILE = "percentile"
-    ENTROPY = "entropy"
-    MSE = "mse"
-    AUTO = "auto"
+# A registered range method's name (`pipeline.quant.ranges`): minmax, percentile, entropy, mse, auto, ...
+CalibMethod = Annotated[str, AfterValidator(_known_method)]
 
 
 class ModelSource(_Strict):
@@ -81,46 +75,8 @@ class InputSpec(_Strict):
     dtype: DType = "float32"
 
 
-class NpzData(_Strict):
-    """Arrays in a .npz file, sample axis first. `arrays` maps model input name -> array key."""
-
-    kind: Literal["npz"]
-    path: Path
-    arrays: dict[str, str] = Field(default_factory=dict)
-    labels: str | None = None
-
-
-class TextData(_Strict):
-    """One sentence per line, tokenized with a HuggingFace `tokenizer.json`.
-
-    `tokenizer` is a file path, or `pkg:<package>/<path inside the package>`.
-    """
-
-    kind: Literal["text"]
-    path: Path
-    tokenizer: str
-    # Which model input receives which tokenizer field.
-    fields: dict[str, Literal["input_ids", "attention_mask", "token_type_ids"]] = Field(
-        default_factory=lambda: {"input_ids": "input_ids", "attention_mask": "attention_mask"}
-    )
-
-
-class ImageData(_Strict):
-    """A folder of PNG/JPEG images with the preprocessing the model expects."""
-
-    kind: Literal["images"]
-    path: Path
-    input: str | None = None
-    size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None  # (height, width)
-    layout: Literal["nchw", "nhwc"] = "nchw"
-    channels: Literal["rgb", "bgr", "gray"] = "rgb"
-    scale: float = 1.0 / 255.0
-    mean: list[float] = Field(default_factory=lambda: [0.0])
-    std: list[float] = Field(default_factory=lambda: [1.0])
-    labels: Path | None = None  # optional CSV "filename,label"
-
-
-Dataset = Annotated[Union[NpzData, TextData, ImageData], Field(discriminator="kind")]
+# The data kinds registered in `pipeline.data` (npz, text, images, ...), told apart by `kind`.
+Dataset = Annotated[Union[dataset_schemas()], Field(discriminator="kind")]
 
 
 class ExportSettings(_Strict):
@@ -131,7 +87,7 @@ class ExportSettings(_Strict):
 class CalibrationSettings(_Strict):
     data: Dataset
     samples: Annotated[int, Field(ge=1)] = 100
-    method: CalibMethod = CalibMethod.MINMAX
+    method: CalibMethod = "minmax"
     percentile: Annotated[float, Field(gt=50, le=100)] = 99.999
 
 
@@ -160,14 +116,51 @@ class FallbackSettings(_Strict):
     curve_points: Annotated[int, Field(ge=0, le=16)] = 3
     # Range method of tensors promoted to 16 bits (outliers clipped by a percentile cost more than
     # the resolution minmax gives up at 16 bits).
-    promoted_method: CalibMethod = CalibMethod.MINMAX
+    promoted_method: CalibMethod = "minmax"
+
+
+def _transform_step(value: object) -> object:
+    """`name` or `{name: {settings}}` -> `{name, settings}` (the schema below checks the rest)."""
+    if isinstance(value, str):
+        return {"name": value, "settings": {}}
+    if isinstance(value, dict) and len(value) == 1 and "name" not in value:
+        (name, settings), = value.items()
+        return {"name": name, "settings": {} if settings is None else settings}
+    return value
+
+
+class TransformStep(_Strict):
+    """One accuracy transform of `quantization.transforms`: a name registered in `pipeline.quant.transforms`
+    and its settings (that transform's `Config`)."""
+
+    name: str
+    settings: dict = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> "TransformStep":
+        registry = transform_registry()
+        if self.name not in registry:
+            raise ValueError(f"unknown transform {self.name!r}; known: {', '.join(registry)}")
+        try:
+            registry[self.name].Config.model_validate(self.settings)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{self.name}: {where + ': ' if where else ''}{first['msg']}") from None
+        return self
+
+
+# Legacy spellings of transforms (still accepted; `quantization.transforms` lists them in order).
+_LEGACY_TRANSFORMS = ("cross_layer_equalization", "smoothquant", "bias_correction")
 
 
 class QuantizationSettings(_Strict):
     target: str = "xdna2"
     format: Format | None = None  # None: the target's default format
     exclude_nodes: list[str] = Field(default_factory=list)
-    # Accuracy transforms (each optional, each measured in the report; see pipeline.transforms).
+    # Accuracy transforms, applied in this order (pipeline.quant.transforms); each measured in the report.
+    transforms: list[Annotated[TransformStep, BeforeValidator(_transform_step)]] = Field(default_factory=list)
+    # Legacy spellings: the same as transforms [cross_layer_equalization, {smoothquant: {alpha}}, bias_correction].
     smoothquant: Annotated[float, Field(ge=0, le=1)] | None = None
     cross_layer_equalization: bool = False
     bias_correction: bool = False
@@ -175,25 +168,41 @@ class QuantizationSettings(_Strict):
     transform_samples: Annotated[int, Field(ge=1)] = 128
     fallback: FallbackSettings = FallbackSettings()
 
-    # Checked at load time, so a typo fails before any stage runs (targets imports this module: lazy import).
+    # Checked at load time, so a typo fails before any stage runs.
     @field_validator("target")
     @classmethod
     def _known_target(cls, name: str) -> str:
-        from .targets import get_target
-
         get_target(name)  # TargetError is a ValueError: reported with this field's path
         return name
 
     @field_validator("format")
     @classmethod
     def _format_accepted(cls, fmt: Format | None, info) -> Format | None:
-        from .targets import TARGETS
-
         target = TARGETS.get(str(info.data.get("target", "")).strip().lower())
         if fmt is not None and target is not None and fmt not in target.formats:
             accepted = ", ".join(f.value for f in target.formats)
             raise ValueError(f"target '{target.name}' does not take '{fmt.value}' (it takes: {accepted})")
         return fmt
+
+    @model_validator(mode="after")
+    def _one_spelling(self) -> "QuantizationSettings":
+        legacy = [k for k in _LEGACY_TRANSFORMS if getattr(self, k) not in (None, False)]
+        if legacy and self.transforms:
+            raise ValueError(f"give transforms either in 'transforms' or as {', '.join(legacy)}, not both")
+        return self
+
+    def transform_steps(self) -> list[TransformStep]:
+        """The transforms to apply, in order, whichever spelling the recipe used."""
+        if self.transforms:
+            return list(self.transforms)
+        steps = []
+        if self.cross_layer_equalization:
+            steps.append(TransformStep(name="cross_layer_equalization"))
+        if self.smoothquant is not None:
+            steps.append(TransformStep(name="smoothquant", settings={"alpha": self.smoothquant}))
+        if self.bias_correction:
+            steps.append(TransformStep(name="bias_correction"))
+        return steps
 
 
 Metric = Literal[
@@ -245,6 +254,17 @@ class Recipe(_Strict):
             raise ValueError(f"input names must be unique; repeated: {', '.join(dupes)}")
         return inputs
 
+    def target_and_format(self):
+        """The `Target` and the `Format` the recipe asks for (the target's default when none is given)."""
+        target = get_target(self.quantization.target)
+        fmt = Format(self.quantization.format or target.default_format)
+        if fmt not in target.formats:  # the schema checks this; kept for recipes built with model_construct
+            accepted = ", ".join(f.value for f in target.formats)
+            raise RecipeError(
+                f"quantization.format: target '{target.name}' does not take '{fmt.value}' (it takes: {accepted})"
+            )
+        return target, fmt
+
     def resolve(self, path: Path) -> Path:
         """A recipe path made absolute against the recipe's folder."""
         path = Path(path).expanduser()
@@ -268,8 +288,9 @@ class Recipe(_Strict):
 
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
+    kinds = set(data_kinds())  # discriminator tags pydantic puts in the path
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in {"npz", "text", "images"}))
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in kinds))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (remove it, or check its spelling against the README's recipe reference)"

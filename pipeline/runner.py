@@ -9,7 +9,9 @@ Layout of a run folder (`build/<recipe name>/` unless the recipe or `--out` says
     validate/   metrics.json, stage.json
     artifact/   the deployable bundle (package stage), stage.json
 
-Each stage's `stage.json` holds its cache key: a hash of the recipe sections it reads, the keys of the
+A stage declares the files it writes (`outputs`, and `optional_outputs` it may write); the runner checks
+that a finished stage wrote every required file and nothing undeclared, so the files between stages are a
+contract, not a convention. Each stage's `stage.json` holds its cache key: a hash of the recipe sections it reads, the keys of the
 stages it reads from, the content of any user file it reads, and the versions of the libraries that shape
 it. An unchanged stage is skipped. A stage writes into a temporary folder that is renamed into place only
 when it finished, so a killed run never leaves a half-written stage behind, and a lock file serialises
@@ -34,41 +36,14 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import __version__
+from .core.fileio import UMASK as _UMASK
+from .core.fileio import atomic_write, dump_json
 from .errors import PipelineError, StageError
 from .recipe import Recipe
 
-__all__ = ["Stage", "RunContext", "StageRecord", "Runner", "library_versions", "sha256_file", "atomic_write"]
+__all__ = ["Stage", "RunContext", "StageRecord", "Runner", "library_versions"]
 
 RECORD = "stage.json"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write a file via a temporary sibling and a rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def dump_json(data: object) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def library_versions() -> dict[str, str]:
@@ -112,12 +87,18 @@ class RunContext:
         return self.run_dir / name
 
     def require(self, stage: str, filename: str) -> Path:
+        """A file a finished earlier stage wrote (one of its declared outputs)."""
         path = self.stage_dir(stage) / filename
         if not path.is_file():
             raise StageError(
                 f"{path} is missing: run the '{stage}' stage first (npu-pipeline {stage} RECIPE) or use 'run'"
             )
         return path
+
+    def optional(self, stage: str, filename: str) -> Path | None:
+        """One of an earlier stage's optional outputs, or None when that stage did not write it."""
+        path = self.stage_dir(stage) / filename
+        return path if path.is_file() else None
 
     def record(self, stage: str) -> StageRecord:
         record = StageRecord.load(self.stage_dir(stage))
@@ -130,6 +111,11 @@ class Stage(ABC):
     """One step of the pipeline. Subclasses set the class variables and implement `run`."""
 
     name: ClassVar[str]
+    # The run folder's subfolder (the stage's name unless it says otherwise).
+    folder: ClassVar[str | None] = None
+    # Files the stage writes, always (`outputs`) or when its settings call for them (`optional_outputs`).
+    outputs: ClassVar[tuple[str, ...]] = ()
+    optional_outputs: ClassVar[tuple[str, ...]] = ()
     # Recipe sections whose content is part of this stage's cache key.
     sections: ClassVar[tuple[str, ...]] = ()
     # Earlier stages whose outputs this stage reads (their keys chain into this key).
@@ -144,6 +130,18 @@ class Stage(ABC):
     @abstractmethod
     def run(self, ctx: RunContext, out: Path) -> dict:
         """Write the stage's files into `out` (a fresh folder) and return its metrics."""
+
+    @classmethod
+    def folder_name(cls) -> str:
+        return cls.folder or cls.name
+
+    def check_outputs(self, out: Path) -> None:
+        """The stage's contract: every required output written, nothing undeclared (a bug otherwise)."""
+        written = {p.name for p in out.iterdir() if p.name != RECORD}
+        missing = sorted(set(self.outputs) - written)
+        extra = sorted(written - set(self.outputs) - set(self.optional_outputs))
+        if missing or extra:
+            raise RuntimeError(f"stage '{self.name}' broke its declared outputs: missing {missing}, undeclared {extra}")
 
     def key(self, ctx: RunContext) -> str:
         material = {
@@ -222,22 +220,20 @@ class Runner:
         return outcomes
 
     def _run_one(self, stage: Stage) -> StageOutcome:
-        _remove_leftovers(self.ctx.run_dir, stage.name)
-        final = self.ctx.stage_dir(stage.name)
+        _remove_leftovers(self.ctx.run_dir, stage.folder_name())
+        final = self.ctx.stage_dir(stage.folder_name())
         key = stage.key(self.ctx)
         existing = StageRecord.load(final)
         if not self.force and existing is not None and existing.key == key:
             return StageOutcome(stage.name, existing, cached=True)
-        scratch = Path(tempfile.mkdtemp(dir=self.ctx.run_dir, prefix=f".{stage.name}."))
+        scratch = Path(tempfile.mkdtemp(dir=self.ctx.run_dir, prefix=f".{stage.folder_name()}."))
         os.chmod(scratch, 0o777 & ~_UMASK)
         try:
             start = time.perf_counter()
-            try:
-                metrics = stage.run(self.ctx, scratch)
-            except PipelineError:
-                raise
-            except Exception as err:
-                raise StageError(f"stage '{stage.name}' failed: {type(err).__name__}: {err}") from err
+            # A PipelineError is the user's (bad input) or the model's (a failed check); anything else is a
+            # bug and propagates with its traceback.
+            metrics = stage.run(self.ctx, scratch)
+            stage.check_outputs(scratch)
             record = StageRecord(stage.name, key, round(time.perf_counter() - start, 3), metrics)
             atomic_write(scratch / RECORD, dump_json(record.__dict__))
             _swap_into_place(scratch, final)

@@ -23,14 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.api import run_stage  # noqa: E402
 from pipeline.data import open_dataset  # noqa: E402
-from pipeline.onnx_utils import load_onnx, make_session  # noqa: E402
-from pipeline.recipe import CalibMethod, Format, load_recipe  # noqa: E402
+from pipeline.core.formats import Format  # noqa: E402
+from pipeline.core.metrics import compare_outputs  # noqa: E402
+from pipeline.core.onnx_io import load_onnx, make_session  # noqa: E402
+from pipeline.core.tasks import task_metrics  # noqa: E402
+from pipeline.quant.histogram import StatsCollector  # noqa: E402
+from pipeline.quant.qdq import quantize_qdq  # noqa: E402
+from pipeline.quant.ranges import range_methods  # noqa: E402
+from pipeline.quant.statistics import collect_histograms  # noqa: E402
+from pipeline.quant.transforms import TransformContext, apply_transforms, make_transforms  # noqa: E402
+from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.report import format_table  # noqa: E402
-from pipeline.stages.validate import compare_outputs, task_metrics  # noqa: E402
-from pipeline.stats import StatsCollector  # noqa: E402
 from pipeline.targets import get_target  # noqa: E402
 
-METHODS = [m for m in CalibMethod]
+METHODS = list(range_methods())
 
 
 def evaluate(recipe, reference, npu_model, batches, labels) -> dict:
@@ -60,8 +66,6 @@ def prepare(recipe, out: Path) -> tuple:
 
 
 def method_table(recipe, out: Path, formats: list[Format], samples: int | None) -> str:
-    from pipeline.stages.quantize import quantize_qdq
-
     model, stats, batches, labels = prepare(recipe, out)
     batches = batches[:samples] if samples else batches
     labels = labels[: len(batches)] if labels is not None else None
@@ -75,23 +79,19 @@ def method_table(recipe, out: Path, formats: list[Format], samples: int | None) 
                                         percentile=recipe.calibration.percentile,
                                         exclude_nodes=recipe.quantization.exclude_nodes)
             m = evaluate(recipe, model, qmodel, batches, labels)
-            rows.append((fmt.value, method.value, *(_fmt(m.get(c)) for c in cols), f"{time.perf_counter() - start:.1f}"))
-            print(f"  {fmt.value} {method.value}: " + ", ".join(f"{c} {_fmt(m.get(c))}" for c in cols), flush=True)
+            rows.append((fmt.value, method, *(_fmt(m.get(c)) for c in cols), f"{time.perf_counter() - start:.1f}"))
+            print(f"  {fmt.value} {method}: " + ", ".join(f"{c} {_fmt(m.get(c))}" for c in cols), flush=True)
     return format_table(("format", "method", *cols, "seconds"), rows, markdown=True)
 
 
 def transform_table(recipe, out: Path, samples: int | None, *, fmt: Format | None = None,
-                    method: CalibMethod | None = None) -> str:
+                    method: str | None = None) -> str:
     """Nothing, each transform alone, and combinations, in the recipe's format and method (or those given)."""
-    from pipeline.data import open_dataset as data_for
-    from pipeline.stages.calibrate import collect_statistics
-    from pipeline.stages.quantize import quantize_qdq, resolve_format
-    from pipeline.transforms import apply_transforms
-
+    data_for = open_dataset
     model, stats, batches, labels = prepare(recipe, out)
     batches = batches[:samples] if samples else batches
     labels = labels[: len(batches)] if labels is not None else None
-    target, recipe_fmt = resolve_format(recipe)
+    target, recipe_fmt = recipe.target_and_format()
     fmt = fmt or recipe_fmt
     method = method or recipe.calibration.method
     q = recipe.quantization
@@ -100,26 +100,27 @@ def transform_table(recipe, out: Path, samples: int | None, *, fmt: Format | Non
     n = min(q.transform_samples, recipe.calibration.samples)
     alpha = q.smoothquant if q.smoothquant is not None else 0.5
     variants = [
-        ("none", {}),
-        ("cross-layer equalization", {"cross_layer_equalization": True}),
-        (f"SmoothQuant alpha={alpha}", {"smoothquant": alpha}),
-        ("bias correction", {"bias_correction": True}),
-        (f"SmoothQuant alpha={alpha} + bias correction", {"smoothquant": alpha, "bias_correction": True}),
-        ("equalization + bias correction", {"cross_layer_equalization": True, "bias_correction": True}),
+        ("none", []),
+        ("cross-layer equalization", [("cross_layer_equalization", {})]),
+        (f"SmoothQuant alpha={alpha}", [("smoothquant", {"alpha": alpha})]),
+        ("bias correction", [("bias_correction", {})]),
+        (f"SmoothQuant alpha={alpha} + bias correction", [("smoothquant", {"alpha": alpha}), ("bias_correction", {})]),
+        ("equalization + bias correction", [("cross_layer_equalization", {}), ("bias_correction", {})]),
     ]
     cols = _columns(recipe.validation.task)
     rows = []
-    for label, kwargs in variants:
+    for label, steps in variants:
         start = time.perf_counter()
-        result = apply_transforms(model, batches=lambda: data_for(recipe, "calibration", limit=n), samples=n,
-                                  quantize=lambda m: quantize_qdq(m, stats, **common)[0], **kwargs)
-        used = collect_statistics(result.model, data_for(recipe, "calibration"), progress=False) if result.stale else stats
+        ctx = TransformContext(lambda: data_for(recipe, "calibration", limit=n), n,
+                               lambda m: quantize_qdq(m, stats, **common)[0])
+        result = apply_transforms(model, make_transforms(steps), ctx)
+        used = collect_histograms(result.model, data_for(recipe, "calibration"), progress=False) if result.stale else stats
         qmodel, _, _ = quantize_qdq(result.model, used, **common)
         m = evaluate(recipe, model, qmodel, batches, labels)
         applied = {k: len(v["applied"]) for k, v in result.report.items()}
         rows.append((label, str(applied or "-"), *(_fmt(m.get(c)) for c in cols), f"{time.perf_counter() - start:.1f}"))
         print(f"  {label}: " + ", ".join(f"{c} {_fmt(m.get(c))}" for c in cols), flush=True)
-    header = (f"transforms ({fmt.value}, {method.value})", "layers changed", *cols, "seconds")
+    header = (f"transforms ({fmt.value}, {method})", "layers changed", *cols, "seconds")
     return format_table(header, rows, markdown=True)
 
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.transforms:
         print(f"## {recipe.name}: accuracy transforms\n", flush=True)
         fmt = Format(args.transform_format) if args.transform_format else None
-        method = CalibMethod(args.transform_method) if args.transform_method else None
+        method = args.transform_method or None
         print(transform_table(recipe, out, args.samples, fmt=fmt, method=method) + "\n", flush=True)
     return 0
 

@@ -89,7 +89,7 @@ def test_cli_writes_summary_and_junit(mixed_batch: Path, tmp_path: Path):
     data = json.loads(summary.read_text())
     assert data["exit_code"] == 1 and data["counts"] == {"passed": 1, "failed": 1, "error": 2}
     assert [r["status"] for r in data["recipes"]] == ["passed", "failed", "error", "error"]
-    assert data["recipes"][0]["stages"]["artifact"]["cached"] is False
+    assert data["recipes"][0]["stages"]["package"]["cached"] is False
 
     root = ET.parse(junit).getroot()
     suite = root.find("testsuite")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.bf16 import emulate_bf16, round_to_bf16, to_bf16_model
+from pipeline.quant.bf16 import emulate_bf16, round_to_bf16, to_bf16_model
 from pipeline.errors import ModelError
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from pipeline.api import run_recipe
 from pipeline.bundle import infer_bundle
 from pipeline.cli import app
-from pipeline.onnx_utils import make_session
+from pipeline.core.onnx_io import make_session
 from pipeline.recipe import load_recipe
 
 runner = CliRunner()

@@ -8,8 +8,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.errors import DataError
-from pipeline.onnx_utils import make_session
-from pipeline.stages.calibrate import SAMPLE_SIZE, activation_tensors, collect_statistics, instrument, permuted_aliases
+from pipeline.core.onnx_io import make_session
+from pipeline.quant.statistics import SAMPLE_SIZE, activation_tensors, permuted_aliases
+from pipeline.quant.statistics import collect_histograms as collect_statistics
+from pipeline.quant.statistics import instrument_histograms as instrument
 
 
 def _model(opset: int):

@@ -42,7 +42,7 @@ def test_digits_cnn_end_to_end(tmp_path: Path):
     assert manifest["signature"]["inputs"] == [{"name": "image", "dtype": "float32", "shape": [1, 1, 32, 32]}]
     assert "accuracy" in output and "artifact:" in output
     # Every hashed file is there with the hash the manifest states.
-    from pipeline.runner import sha256_file
+    from pipeline.core.fileio import sha256_file
 
     for name, digest in manifest["files"].items():
         assert sha256_file(out / "artifact" / name) == digest

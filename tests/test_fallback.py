@@ -10,16 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.fallback import (
-    MASKED_BELOW,
-    FallbackConfig,
-    SearchSpace,
-    Shares,
-    compute_shares,
-    local_sqnr,
-    search,
-    value_groups,
-)
+from pipeline.core.masks import MASKED_BELOW
+from pipeline.quant.fallback import FallbackConfig, SearchSpace, Shares, compute_shares, search, value_groups
+from pipeline.quant.layer_error import local_sqnr
 from pipeline.targets.placement import Placement
 
 
@@ -199,8 +192,8 @@ def test_quantize_stage_runs_the_fallback_on_held_out_calibration_data(tiny_run)
 
 
 def test_fallback_holdout_overlap_is_reported(tiny_cnn_recipe):
-    from pipeline.fallback import holdout_batches
     from pipeline.recipe import load_recipe
+    from pipeline.stages.quantize import holdout_batches
 
     recipe = load_recipe(tiny_cnn_recipe())  # 16 calibration samples, all used for statistics
     batches, note = holdout_batches(recipe, 4)
@@ -209,10 +202,11 @@ def test_fallback_holdout_overlap_is_reported(tiny_cnn_recipe):
 
 def test_bf16_islands_are_emulated(tiny_cnn_recipe):
     """A QDQ model with some nodes left float for BF16: those nodes' outputs are bf16-rounded."""
-    from pipeline.fallback import npu_numerics
-    from pipeline.stages.quantize import quantize_qdq
-    from pipeline.stages.calibrate import collect_statistics
-    from pipeline.recipe import CalibMethod, Format, load_recipe
+    from pipeline.core.formats import Format
+    from pipeline.quant.fallback import npu_numerics
+    from pipeline.quant.qdq import quantize_qdq
+    from pipeline.quant.statistics import collect_histograms as collect_statistics
+    from pipeline.recipe import load_recipe
     from pipeline.targets import get_target
     from pipeline.data import open_dataset
     from pipeline.api import run_stage
@@ -225,7 +219,7 @@ def test_bf16_islands_are_emulated(tiny_cnn_recipe):
     gemm = next(n.name for n in model.graph.node if n.op_type == "Gemm")
     config = FallbackConfig(promote=frozenset({model.graph.input[0].name}), bf16=frozenset({gemm}))
     qmodel, _, _ = quantize_qdq(model, stats, target=get_target("xdna2"), fmt=Format.A8W8,
-                                method=CalibMethod.MINMAX, exclude_nodes=[gemm], promote={"x": 16})
+                                method="minmax", exclude_nodes=[gemm], promote={"x": 16})
     emulated = npu_numerics(qmodel, config)
     casts = [n for n in emulated.graph.node if n.op_type == "Cast"]
     assert casts and all(gemm in n.name or "bf16" in n.name for n in casts)
@@ -295,8 +289,8 @@ def test_minilm_recipe_smoothquant_and_fallback_on_few_samples(tmp_path):
 
 def test_layer_error_report_in_bf16_skips_integer_tensors():
     """BF16 numerics compare float node outputs by name; an int64 path (an attention mask's) is left out."""
-    from pipeline.bf16 import emulate_bf16
-    from pipeline.fallback import layer_error_report
+    from pipeline.quant.bf16 import emulate_bf16
+    from pipeline.quant.layer_error import layer_error_report
 
     nodes = [
         helper.make_node("Unsqueeze", ["ids", "axes"], ["u"], name="unsq"),

@@ -1,4 +1,4 @@
-"""report.html (`pipeline.html_report`): self-contained, deterministic, escaped, and in every artifact."""
+"""report.html (`pipeline.report.html`): self-contained, deterministic, escaped, and in every artifact."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from pipeline.html_report import histogram_series, render_html, svg_bars, svg_scatter, worst_histograms
-from pipeline.stats import StatsCollector, TensorStats
+from pipeline.quant.histogram import StatsCollector, TensorStats
+from pipeline.report import histogram_series, render_html, svg_bars, svg_scatter, worst_histograms
 
 MANIFEST = {
     "name": "demo", "description": "a <demo> & test", "target": "xdna2", "format": "a8w8",
@@ -114,7 +114,7 @@ def test_worst_histograms_reads_saved_statistics(tmp_path):
 def test_every_artifact_has_a_hashed_deterministic_report(tiny_cnn_recipe, tmp_path):
     from pipeline.api import run_recipe
     from pipeline.recipe import load_recipe
-    from pipeline.runner import sha256_file
+    from pipeline.core.fileio import sha256_file
 
     recipe = load_recipe(tiny_cnn_recipe(quantization={"target": "xdna2", "format": "a8w8",
                                                        "cross_layer_equalization": True}))

@@ -1,4 +1,4 @@
-"""Image-folder data sets (pipeline.images): preprocessing, order, labels, streaming and clear errors.
+"""Image-folder data sets (pipeline.data.images): preprocessing, order, labels, streaming and clear errors.
 
 Images are written by Pillow in the test; expected values are computed by hand from the pixels written.
 """
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import images as image_module
+from pipeline.data import images as image_module
 from pipeline.data import open_dataset
 from pipeline.errors import DataError
-from pipeline.images import image_source
-from pipeline.recipe import ImageData, InputSpec, load_recipe
+from pipeline.data.images import ImageData, image_source
+from pipeline.recipe import InputSpec, load_recipe
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -282,7 +282,7 @@ def test_dataset_fingerprint_follows_image_content_and_labels(tmp_path: Path, ti
     (tmp_path / "val_imgs.csv").write_text("img_000.png,1\nimg_001.png,1\nimg_002.png,1\nimg_003.png,1\n")
     assert dataset_fingerprint(recipe, "validation")["labels"] != second["labels"]
     # npz data keeps the key the stages have always used: its sha256.
-    from pipeline.runner import sha256_file
+    from pipeline.core.fileio import sha256_file
 
     assert dataset_fingerprint(recipe, "calibration") == {"data": sha256_file(tmp_path / "calib.npz")}
 

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.errors import ModelError, ReadinessError
 from pipeline.inspect import Finding, inspect_model, write_json
-from pipeline.recipe import Format
+from pipeline.core.formats import Format
 from pipeline.targets import TargetError, get_target
 
 F = TensorProto.FLOAT
@@ -407,9 +407,8 @@ def test_sixteen_bit_values_in_an_a8w8_model_are_mixed_precision_not_a_violation
     """The accuracy-aware fallback promotes values of an A8W8 model to int16 (A16W8 on the same chip)."""
     import torch
 
-    from pipeline.stages.calibrate import collect_statistics
-    from pipeline.stages.quantize import quantize_qdq
-    from pipeline.recipe import CalibMethod, Format
+    from pipeline.quant.qdq import quantize_qdq
+    from pipeline.quant.statistics import collect_histograms as collect_statistics
     from pipeline.targets import get_target
 
     import io
@@ -422,7 +421,7 @@ def test_sixteen_bit_values_in_an_a8w8_model_are_mixed_precision_not_a_violation
     stats = collect_statistics(model, [{"x": rng.standard_normal((1, 1, 8, 8)).astype(np.float32)}], progress=False)
     promoted = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
     quantized, _, _ = quantize_qdq(model, stats, target=get_target("xdna2"), fmt=Format.A8W8,
-                                   method=CalibMethod.MINMAX, promote={promoted[0]: 16})
+                                   method="minmax", promote={promoted[0]: 16})
     xdna2 = inspect_model(quantized, "xdna2", "a8w8")
     assert xdna2.ok, xdna2.violations
     assert any(w.rule == "mixed-precision" for w in xdna2.warnings)

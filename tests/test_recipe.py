@@ -8,8 +8,12 @@ import pytest
 import yaml
 
 from pipeline.errors import RecipeError
-from pipeline.recipe import Format, load_recipe
-from pipeline.stages.quantize import resolve_format
+from pipeline.core.formats import Format
+from pipeline.recipe import load_recipe
+
+
+def resolve_format(recipe):
+    return recipe.target_and_format()
 
 from .conftest import RECIPES
 

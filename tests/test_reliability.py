@@ -37,7 +37,7 @@ def _subprocess_run(recipe: Path, out: Path, *extra: str, cwd: Path | None = Non
 
 def hashed_files(run_dir: Path) -> dict[str, bytes]:
     """manifest.json and every file it hashes, as bytes (after checking the hashes it states)."""
-    from pipeline.runner import sha256_file
+    from pipeline.core.fileio import sha256_file
 
     artifact = run_dir / "artifact"
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -71,7 +71,7 @@ def test_cache_skips_unchanged_stages_and_force_reruns(tiny_cnn_recipe, tmp_path
     recipe, out = tiny_cnn_recipe(), tmp_path / "run"
     assert _cached_stages(_run_cli(recipe, out)) == []
     first = hashed_files(out)
-    assert _cached_stages(_run_cli(recipe, out)) == ["export", "prepare", "calibrate", "quantize", "validate", "artifact"]
+    assert _cached_stages(_run_cli(recipe, out)) == ["export", "prepare", "calibrate", "quantize", "validate", "package"]
     assert _cached_stages(_run_cli(recipe, out, "--force")) == []
     assert hashed_files(out) == first
 
@@ -172,7 +172,7 @@ KILL_POINTS = [
     ("during-calibrate", ["export", "prepare"]),
     ("during-validate", ["export", "prepare", "calibrate", "quantize"]),
     ("after-rename:quantize", ["export", "prepare", "calibrate", "quantize"]),
-    ("after-rename:artifact", ["export", "prepare", "calibrate", "quantize", "validate", "artifact"]),
+    ("after-rename:artifact", ["export", "prepare", "calibrate", "quantize", "validate", "package"]),
     ("writing-manifest", ["export", "prepare", "calibrate", "quantize", "validate"]),
 ]
 

@@ -9,15 +9,22 @@ import zipfile
 import numpy as np
 import pytest
 
-from pipeline import stats as S
+from pipeline.quant import histogram as H
+from pipeline.quant.ranges import choose_range
+from pipeline.quant.ranges import methods as S
 from pipeline.errors import DataError
+
+
+def _select(stats, method, *, num_bits=8, symmetric=False):
+    """The range a registered method gives (through the registry, as the quantizer asks for it)."""
+    return choose_range(stats, method, bits=num_bits, symmetric=symmetric)[:2]
 
 METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 
 
-def _build(chunks, *, bins=S.DEFAULT_BINS, extremes=None) -> S.TensorStats:
+def _build(chunks, *, bins=H.DEFAULT_BINS, extremes=None) -> H.TensorStats:
     """Stats from a list of sample arrays; lo/hi are each chunk's own extremes unless given."""
-    stats = S.TensorStats("t", bins=bins)
+    stats = H.TensorStats("t", bins=bins)
     for i, chunk in enumerate(chunks):
         chunk = np.asarray(chunk, dtype=np.float32)
         lo, hi = (chunk.min(), chunk.max()) if extremes is None else extremes[i]
@@ -83,37 +90,37 @@ def test_many_small_updates_equal_one_big_update():
 def test_memory_is_constant():
     rng = np.random.default_rng(4)
     base = rng.standard_normal(4096).astype(np.float32)
-    stats = S.TensorStats("t")
+    stats = H.TensorStats("t")
     stats.update(base, base.min(), base.max())
     shape, nbytes = stats.hist.shape, stats.hist.nbytes
     for i in range(10_000):
         sample = base * np.float32(1 + i // 1000)  # grows now and then, forcing merges
         stats.update(sample, sample.min(), sample.max())
-    assert stats.hist.shape == shape and stats.hist.nbytes == nbytes == 8 * S.DEFAULT_BINS
+    assert stats.hist.shape == shape and stats.hist.nbytes == nbytes == 8 * H.DEFAULT_BINS
     assert stats.n == 10_001 * 4096 == stats.hist.sum() and stats.updates == 10_001
 
 
 def test_nonfinite_values_are_counted_and_left_out():
-    stats = S.TensorStats("bad")
+    stats = H.TensorStats("bad")
     stats.update(np.array([1.0, np.nan, -np.inf, 2.0], np.float32), -np.inf, np.nan)
     assert stats.nonfinite == 4 and stats.n == 2 and (stats.min, stats.max) == (1.0, 2.0)
     stats.update(np.array([0.5, 3.0], np.float32), 0.5, 3.0)
     assert stats.nonfinite == 4 and stats.n == 4 and stats.hist.sum() == 4
-    collector = S.StatsCollector(["ok", "bad"])
+    collector = H.StatsCollector(["ok", "bad"])
     collector.update("ok", np.ones(3, np.float32), 1.0, 1.0)
     collector.update("bad", np.array([np.nan], np.float32), 0.0, 0.0)
     assert collector.nonfinite_tensors() == ["bad"] and collector.count == 1
 
 
 def test_sample_outside_lo_hi_widens_the_range():
-    stats = S.TensorStats("t")
+    stats = H.TensorStats("t")
     stats.update(np.array([-5.0, 0.0, 9.0], np.float32), -1.0, 1.0)
     assert (stats.min, stats.max) == (-5.0, 9.0) and stats.limit == 16.0
 
 
 def test_from_array_and_clipped_above():
     values = np.concatenate([np.linspace(-10, 12, 1000), np.full(200, -1e4), [np.nan]]).astype(np.float32)
-    stats = S.TensorStats.from_array(values, "scores")
+    stats = H.TensorStats.from_array(values, "scores")
     assert (stats.min, stats.max, stats.n, stats.nonfinite, stats.updates) == (-1e4, 12.0, 1200, 1, 1)
     real = stats.clipped_above(-1e3)
     assert real.n == 1000 and real.max == 12.0 and stats.n == 1200  # the original is untouched
@@ -126,7 +133,7 @@ def test_from_array_and_clipped_above():
 
 def test_bins_must_be_a_power_of_two():
     with pytest.raises(ValueError):
-        S.TensorStats("t", bins=1000)
+        H.TensorStats("t", bins=1000)
 
 
 # ---------------------------------------------------------------- expected MSE
@@ -214,11 +221,11 @@ def test_pow2_scale_is_power_of_two_and_beats_minmax_pow2(data, request):
 
 def test_auto_picks_lowest_mse(heavy, uniform):
     choice = S.auto(heavy, 8, symmetric=True)
-    errors = {m: S.expected_quant_mse(heavy, *S.select_range(heavy, m, symmetric=True), symmetric=True)
+    errors = {m: S.expected_quant_mse(heavy, *_select(heavy, m, symmetric=True), symmetric=True)
               for m in ("minmax", "percentile", "entropy", "mse")}
     assert choice.method in errors and errors[choice.method] <= min(errors.values()) * 1.001
     lo, hi, method = choice  # the quantize stage unpacks three values
-    assert (choice.lo, choice.hi) == S.select_range(heavy, "auto", symmetric=True)
+    assert (choice.lo, choice.hi) == _select(heavy, "auto", symmetric=True)
     assert S.auto(uniform, 8, symmetric=False).method == "minmax"  # ties go to the simplest method
 
 
@@ -246,7 +253,7 @@ def test_edge_cases_give_usable_ranges(case, num_bits):
     for symmetric in (True, False):
         widest = S.minmax(stats, symmetric=symmetric)
         for method in METHODS:
-            lo, hi = S.select_range(stats, method, num_bits=num_bits, symmetric=symmetric)
+            lo, hi = _select(stats, method, num_bits=num_bits, symmetric=symmetric)
             assert math.isfinite(lo) and math.isfinite(hi), (method, lo, hi)
             assert lo <= 0.0 <= hi and hi - lo >= S.MIN_RANGE
             assert widest[0] <= lo and hi <= widest[1], (method, lo, hi, widest)
@@ -260,14 +267,14 @@ def test_all_zero_and_empty_tensors():
     zeros = _build([np.zeros(16, np.float32)])
     assert S.minmax(zeros) == (0.0, S.MIN_RANGE)
     assert S.minmax(zeros, symmetric=True) == (-S.MIN_RANGE, S.MIN_RANGE)
-    only_extremes = S.TensorStats("t")
+    only_extremes = H.TensorStats("t")
     only_extremes.update(np.zeros(0, np.float32), -1.0, 2.0)  # no subsample: fall back to min/max
     for method in METHODS:
-        assert S.select_range(only_extremes, method) == (-1.0, 2.0)
+        assert _select(only_extremes, method) == (-1.0, 2.0)
     with pytest.raises(DataError, match="'never'"):
-        S.minmax(S.TensorStats("never"))
+        S.minmax(H.TensorStats("never"))
     with pytest.raises(ValueError):
-        S.select_range(zeros, "bogus")
+        _select(zeros, "bogus")
 
 
 # ---------------------------------------------------------------- persistence
@@ -275,7 +282,7 @@ def test_all_zero_and_empty_tensors():
 
 def test_save_load_round_trip_and_deterministic_bytes(tmp_path, heavy):
     rng = np.random.default_rng(7)
-    collector = S.StatsCollector(["a", "b/c:0", "unused"], bins=256)
+    collector = H.StatsCollector(["a", "b/c:0", "unused"], bins=256)
     for _ in range(5):
         x = rng.standard_normal(500).astype(np.float32)
         collector.update("a", x, x.min(), x.max())
@@ -288,7 +295,7 @@ def test_save_load_round_trip_and_deterministic_bytes(tmp_path, heavy):
     with zipfile.ZipFile(first) as archive:  # np.savez would stamp the current time on each member
         assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
     assert not list(tmp_path.glob(".*.tmp"))
-    loaded = S.StatsCollector.load(second)
+    loaded = H.StatsCollector.load(second)
     assert loaded.names == collector.names and loaded.bins == 256 and loaded.count == 6
     for name in collector.names:
         a, b = collector[name], loaded[name]
@@ -306,12 +313,12 @@ def test_load_rejects_foreign_files(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
     with pytest.raises(DataError, match="rerun calibrate"):
-        S.StatsCollector.load(bad)
+        H.StatsCollector.load(bad)
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(DataError):
-        S.StatsCollector.load(tmp_path / "other.npz")
+        H.StatsCollector.load(tmp_path / "other.npz")
     with pytest.raises(DataError):
-        S.StatsCollector.load(tmp_path / "missing.npz")
+        H.StatsCollector.load(tmp_path / "missing.npz")
 
 
 # ---------------------------------------------------------------- speed (reported, not asserted)
@@ -321,7 +328,7 @@ def test_update_speed_report():
     rng = np.random.default_rng(8)
     samples = [rng.standard_normal(4096).astype(np.float32) for _ in range(16)]
     extremes = [(float(s.min()), float(s.max())) for s in samples]
-    collector = S.StatsCollector([f"t{i}" for i in range(100)])
+    collector = H.StatsCollector([f"t{i}" for i in range(100)])
     start = time.perf_counter()
     for step in range(20):
         sample, (lo, hi) = samples[step % 16], extremes[step % 16]

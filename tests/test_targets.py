@@ -8,8 +8,8 @@ from importlib import resources
 import pytest
 
 from pipeline.errors import PipelineError, RecipeError
-from pipeline.recipe import Format
-from pipeline.targets import QUANT_SPECS, TARGETS, Target, TargetError, get_target, npu_op_table
+from pipeline.core.formats import Format, all_formats
+from pipeline.targets import TARGETS, Target, TargetError, get_target, npu_op_table
 
 SHA = "0123456789abcdef" * 4
 
@@ -39,7 +39,7 @@ def test_formats_and_defaults():
     assert Format.BF16 not in TARGETS["cpu"].formats
     for target in TARGETS.values():
         assert target.opset_min <= 13 and target.opset_recommended == 17
-        assert set(target.formats) <= set(QUANT_SPECS)
+        assert set(target.formats) <= set(all_formats())
 
 
 def test_resolve_format():

@@ -10,18 +10,26 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.onnx_utils import make_session
-from pipeline.transforms import (
-    BiasCorrection,
-    CrossLayerEqualization,
-    NotFoldable,
-    SmoothQuant,
-    apply_transforms,
-    collect_channel_stats,
-    dequantized_weights,
-    plan_fold,
-)
-from pipeline.transforms._graph import Editable
+from pipeline.core.editable import Editable
+from pipeline.core.onnx_io import make_session
+from pipeline.quant.statistics import StatisticsService
+from pipeline.quant.transforms import TransformContext, apply_transforms, make_transforms, transform_registry
+from pipeline.quant.transforms.bias_correction import BiasCorrection, dequantized_weights
+from pipeline.quant.transforms.equalize import CrossLayerEqualization
+from pipeline.quant.transforms.fold import NotFoldable, plan_fold
+from pipeline.quant.transforms.smoothquant import SmoothQuant
+
+
+def _apply(model, *steps, batches=None, samples=128, quantize=None):
+    """apply_transforms with steps given as names or (name, settings) pairs."""
+    steps = [(s, {}) if isinstance(s, str) else s for s in steps]
+    return apply_transforms(model, make_transforms(steps), TransformContext(batches, samples, quantize))
+
+
+def collect_channel_stats(model, tensors, batches, *, limit):
+    service = StatisticsService(model, optimize=False)
+    service.request_channels(tensors)
+    return service.collect(batches, limit=limit).channels
 
 RNG = np.random.default_rng(0)
 
@@ -128,7 +136,7 @@ def test_fold_refuses_a_tensor_shared_with_a_residual_add():
 def test_smoothquant_keeps_the_float_function_and_balances_ranges():
     model = _attention_like()
     feeds = _feeds_attention()
-    result = apply_transforms(model, smoothquant=0.5, batches=lambda: iter(feeds), samples=4)
+    result = _apply(model, ("smoothquant", {"alpha": 0.5}), batches=lambda: iter(feeds), samples=4)
     for f in feeds:
         for want, got in zip(_run(model, f), _run(result.model, f)):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -146,7 +154,7 @@ def test_smoothquant_alpha_balances_each_channel_exactly():
     """alpha = 0.5: per channel, max|X'_j| == max|W'_j| (both sqrt(max|X_j| max|W_j|))."""
     model = _attention_like()
     feeds = _feeds_attention()
-    result = apply_transforms(model, smoothquant=0.5, batches=lambda: iter(feeds), samples=4)
+    result = _apply(model, ("smoothquant", {"alpha": 0.5}), batches=lambda: iter(feeds), samples=4)
     graph = Editable(result.model)
     stats = collect_channel_stats(result.model, {"u3": (2, 1)}, iter(feeds), limit=4)
     gemm = next(n for n in result.model.graph.node if n.op_type == "Gemm")
@@ -157,7 +165,7 @@ def test_smoothquant_alpha_balances_each_channel_exactly():
 def test_cross_layer_equalization_keeps_the_function_and_equalizes():
     model = _cnn()
     x = RNG.standard_normal((1, 2, 8, 8)).astype(np.float32)
-    result = apply_transforms(model, cross_layer_equalization=True)
+    result = _apply(model, "cross_layer_equalization")
     np.testing.assert_allclose(_run(result.model, {"x": x})[0], _run(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
     (entry,) = result.report["cross_layer_equalization"]["applied"]
     assert entry["pair"][0].startswith("") and entry["worst_channel_share_before"][0] < 0.01
@@ -221,7 +229,7 @@ def test_dequantized_weights_reads_back_the_quantizers_weights():
 def test_bias_correction_removes_the_mean_output_shift():
     model = _cnn()
     batches = [{"x": (RNG.standard_normal((1, 2, 8, 8)) + 1.0).astype(np.float32)} for _ in range(16)]
-    result = apply_transforms(model, bias_correction=True, batches=lambda: iter(batches), samples=16,
+    result = _apply(model, "bias_correction", batches=lambda: iter(batches), samples=16,
                               quantize=_fake_quantize)
     assert [e["node"] for e in result.report["bias_correction"]["applied"]] == ["n0", "n3", "n6"]
     assert "y" in result.stale and "c1" in result.stale
@@ -230,7 +238,7 @@ def test_bias_correction_removes_the_mean_output_shift():
     w = RNG.standard_normal((4, 2, 3, 3)) * np.array([3.0, 0.3, 1.0, 2.0])[:, None, None, None]
     conv = _model([helper.make_node("Conv", ["x", "w", "b"], ["y"])], {"w": w, "b": np.zeros(4)},
                   [("x", [1, 2, 8, 8])], ["y"])
-    fixed_model = apply_transforms(conv, bias_correction=True, batches=lambda: iter(batches), samples=16,
+    fixed_model = _apply(conv, "bias_correction", batches=lambda: iter(batches), samples=16,
                                    quantize=_fake_quantize).model
     mean = lambda m: np.mean([_run(m, b)[0].mean(axis=(0, 2, 3)) for b in batches], axis=0)  # noqa: E731
     ref, plain, fixed = mean(conv), mean(_fake_quantize(conv)), mean(_fake_quantize(fixed_model))
@@ -240,16 +248,16 @@ def test_bias_correction_removes_the_mean_output_shift():
 
 def test_no_transform_is_a_copy():
     model = _cnn()
-    result = apply_transforms(model)
+    result = _apply(model)
     assert not result.changed and not result.stale
     assert result.model.SerializeToString() == model.SerializeToString()
 
 
 def test_transforms_need_data_and_a_quantizer():
     with pytest.raises(ValueError, match="batches"):
-        apply_transforms(_attention_like(), smoothquant=0.5)
+        _apply(_attention_like(), ("smoothquant", {"alpha": 0.5}))
     with pytest.raises(ValueError, match="quantizer"):
-        apply_transforms(_cnn(), bias_correction=True, batches=lambda: iter([{"x": np.zeros((1, 2, 8, 8), np.float32)}]))
+        _apply(_cnn(), "bias_correction", batches=lambda: iter([{"x": np.zeros((1, 2, 8, 8), np.float32)}]))
 
 
 def test_plan_apply_rejects_bad_scales():
@@ -261,10 +269,14 @@ def test_plan_apply_rejects_bad_scales():
         plan.apply(graph, np.ones(3), "x")
 
 
-def test_transforms_classes_are_importable_for_direct_use():
-    assert SmoothQuant(alpha=0.3).alpha == 0.3
-    assert CrossLayerEqualization().sweeps > 0
+def test_transforms_are_registered_with_their_settings():
+    registry = transform_registry()
+    assert {"cross_layer_equalization", "smoothquant", "bias_correction"} <= set(registry)
+    assert SmoothQuant(SmoothQuant.Config(alpha=0.3)).alpha == 0.3
+    assert CrossLayerEqualization().config.sweeps > 0
     assert BiasCorrection().ops
+    with pytest.raises(Exception, match="alpha"):
+        make_transforms([("smoothquant", {"alpha": 2.0})])
 
 
 def test_accuracy_study_script_prints_both_tables(tiny_cnn_recipe, tmp_path, capsys):

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.onnx_utils import make_session
+from pipeline.core.onnx_io import make_session
 from pipeline.stages.prepare import drop_initializer_inputs, fold_batchnorm
 
 from .test_formats import check_artifact

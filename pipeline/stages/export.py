@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.fileio import sha256_file
+from ..core.onnx_io import load_onnx, model_opset, run_session
 from ..errors import ModelError, StageError
-from ..onnx_utils import load_onnx, model_opset, run_session
 from ..recipe import Recipe
-from ..runner import RunContext, Stage, sha256_file
+from ..runner import RunContext, Stage
 
 __all__ = ["ExportStage", "load_builder"]
 
@@ -36,7 +37,11 @@ def load_builder(recipe: Recipe):
     # A string argument naming a file next to the recipe is passed as an absolute path, so builders
     # need not know where the recipe lives.
     args = {key: _file_or_value(recipe, value) for key, value in recipe.model.args.items()}
-    built = func(**args)
+    try:
+        built = func(**args)
+    except (Exception, SystemExit) as err:  # the user's own code failed (or tried to end the process)
+        kind = "called sys.exit" if isinstance(err, SystemExit) else f"raised {type(err).__name__}"
+        raise StageError(f"export: the model builder {recipe.model.builder} {kind}: {err}") from err
     if not (isinstance(built, tuple) and len(built) == 2):
         raise ModelError(f"model.builder: {recipe.model.builder} must return (torch module, example inputs tuple)")
     module_obj, example = built
@@ -69,6 +74,7 @@ def _builder_fingerprint(recipe: Recipe) -> dict:
 class ExportStage(Stage):
     name = "export"
     sections = ("model", "inputs", "export")
+    outputs = ("model.onnx",)
 
     def extra_key(self, ctx: RunContext) -> dict:
         recipe = ctx.recipe

@@ -22,11 +22,13 @@ import json
 import shutil
 from pathlib import Path
 
+from ..core.fileio import atomic_write, dump_json, sha256_file
+from ..core.onnx_io import load_onnx
 from ..gates import evaluate_gates
-from ..onnx_utils import load_onnx
-from ..recipe import Format, Recipe
-from ..runner import RunContext, Stage, atomic_write, dump_json, library_versions, sha256_file
-from .quantize import resolve_format
+from ..inspect import inspect_model, write_json
+from ..recipe import Recipe
+from ..report import render_html, render_markdown, worst_histograms
+from ..runner import RunContext, Stage, library_versions
 
 __all__ = ["PackageStage", "STAGE_ORDER"]
 
@@ -52,17 +54,19 @@ def _signature(model) -> dict:
 
 
 class PackageStage(Stage):
-    name = "artifact"
+    name = "package"
+    folder = "artifact"
+    outputs = ("model.onnx", "model.float.onnx", "vitisai_ep.json", "placement.json", "manifest.json",
+               "report.md", "report.html")
+    optional_outputs = ("vitisai_config.json", "layer_errors.json", "transforms.json", "fallback.json")
     # The manifest embeds the whole recipe, so every section is part of the key.
     sections = tuple(name for name in Recipe.model_fields if name != "base_dir")
     after = ("prepare", "calibrate", "quantize", "validate")
     revision = 2  # 2: layer_errors/transforms/fallback JSON and report.html
 
     def run(self, ctx: RunContext, out: Path) -> dict:
-        from ..inspect import inspect_model, write_json
-
         recipe = ctx.recipe
-        target, fmt = resolve_format(recipe)
+        target, fmt = recipe.target_and_format()
         shutil.copyfile(ctx.require("quantize", "model.onnx"), out / "model.onnx")
         shutil.copyfile(ctx.require("prepare", "model.onnx"), out / "model.float.onnx")
         model_hash = sha256_file(out / "model.onnx")
@@ -88,7 +92,8 @@ class PackageStage(Stage):
             "quantization": {
                 **recipe.model_dump(mode="json")["quantization"],
                 "format": fmt.value,
-                "calibration_method": recipe.calibration.method.value,
+                "transforms": [step.model_dump(mode="json") for step in recipe.quantization.transform_steps()],
+                "calibration_method": recipe.calibration.method,
                 "calibration_samples": records["calibrate"].metrics.get("samples"),
                 "excluded_nodes": quant_record.get("excluded_nodes", []),
             },
@@ -108,8 +113,6 @@ class PackageStage(Stage):
         }
         manifest["files"] = files
         atomic_write(out / "manifest.json", dump_json(manifest))
-        from ..report import render_markdown
-
         atomic_write(out / "report.md", render_markdown(manifest, metrics, records, inspection, **extras))
         return {"gates_passed": manifest["gates_passed"], "gates": manifest["gates"], "files": files}
 
@@ -121,8 +124,8 @@ def _copy_reports(ctx: RunContext, out: Path) -> dict:
     """Copy the per-layer, transform and fallback JSON into the bundle; returns them by name."""
     found = {}
     for name, stage in _REPORTS:
-        source = ctx.stage_dir(stage) / f"{name}.json"
-        if source.is_file():
+        source = ctx.optional(stage, f"{name}.json")
+        if source is not None:
             shutil.copyfile(source, out / source.name)
             found[name] = json.loads(source.read_text())
     if "transforms" in found:
@@ -151,13 +154,9 @@ def _accuracy_summary(extras: dict) -> dict:
 
 
 def _write_html(ctx: RunContext, out: Path, manifest: dict, metrics: dict, extras: dict) -> None:
-    from ..html_report import render_html, worst_histograms
-
-    stats = ctx.stage_dir("quantize") / "stats.npz"  # recollected after transforms
-    if not stats.is_file():
-        stats = ctx.stage_dir("calibrate") / "stats.npz"
-    ranges_file = ctx.stage_dir("quantize") / "ranges.json"
-    ranges = json.loads(ranges_file.read_text()).get("tensors", {}) if ranges_file.is_file() else {}
+    # Statistics recollected after transforms, else calibrate's (none for BF16).
+    stats = ctx.optional("quantize", "stats.npz") or ctx.optional("calibrate", "stats.npz")
+    ranges = json.loads(ctx.require("quantize", "ranges.json").read_text()).get("tensors", {})
     page = render_html(
         manifest=manifest,
         metrics=metrics,

@@ -17,16 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.masks import MASK_FLOOR
+from ..core.onnx_io import load_onnx, make_session, model_opset, save_onnx, static_input_shapes
 from ..data import open_dataset
 from ..errors import ModelError, StageError
-from ..onnx_utils import load_onnx, make_session, model_opset, save_onnx, static_input_shapes
 from ..recipe import Recipe
 from ..runner import RunContext, Stage
 
 __all__ = ["PrepareStage", "MASK_FLOOR", "fold_batchnorm", "drop_initializer_inputs"]
-
-# Additive masks written as float32 min (-3.4e38) are clamped to this; exp(-1e4) is 0 in float32 anyway.
-MASK_FLOOR = -1.0e4
 
 
 def fix_input_shapes(model, recipe: Recipe) -> list[str]:
@@ -202,6 +200,7 @@ class PrepareStage(Stage):
     sections = ("inputs", "export")
     after = ("export",)
     revision = 2  # 2: initializer inputs dropped, leftover BatchNorm folded
+    outputs = ("model.onnx",)
 
     def run(self, ctx: RunContext, out: Path) -> dict:
         import onnx

@@ -21,21 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..recipe import Format
-from . import QUANT_SPECS, Target
-from .graph import DQ_OPS, MAC_OPS, Q_OPS, Graph, node_macs
+from ..core.formats import Format
+from ..core.graph import Graph, node_macs
+from ..core.ops import DATA_MOVEMENT_OPS as _DATA_MOVEMENT
+from ..core.ops import DQ_OPS, MAC_OPS, Q_OPS
+from ..core.ops import FUSIBLE_ACTIVATIONS as _FUSIBLE
+from .target import Target
 
 __all__ = ["Placement", "PlacementResult", "predict_placement"]
-
-_DATA_MOVEMENT = frozenset({
-    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Slice", "Gather", "Split",
-    "Expand", "Identity", "DepthToSpace", "SpaceToDepth", "Tile", "Pad",
-})
-# Activations the compiler fuses into the op before them (Conv+Relu): no Q/DQ needed between the two.
-_FUSIBLE = frozenset({
-    "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu", "Elu", "PRelu",
-})
-
 
 @dataclass(frozen=True)
 class Placement:
@@ -66,7 +59,7 @@ def predict_placement(g: Graph, target: Target, fmt: Format, *, quantized: bool)
     preds, succs, boundary = _collapsed(g)
     convs = sum(node.op_type == "Conv" for node in g.nodes)
     too_few = convs < target.min_conv_layers
-    wrap = quantized and QUANT_SPECS.get(fmt) is not None
+    wrap = quantized and Format(fmt).spec.quantized
     device: dict[int, str] = {}
     reason: dict[int, str] = {}
     pending: list[int] = []
@@ -83,7 +76,7 @@ def predict_placement(g: Graph, target: Target, fmt: Format, *, quantized: bool)
         elif too_few:
             device[i], reason[i] = "CPU", f"fewer than {target.min_conv_layers} Conv layers"
         elif not wrap:
-            note = "" if quantized or QUANT_SPECS.get(fmt) is None else " (once quantized)"
+            note = "" if quantized or not Format(fmt).spec.quantized else " (once quantized)"
             device[i], reason[i] = target.device, f"{node.op_type} in the {fmt.value} table{note}"
         else:
             why = _unquantized(g, i)

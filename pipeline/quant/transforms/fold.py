@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ._graph import Editable
+from ...core.editable import Editable
 
 __all__ = ["FoldPlan", "plan_fold", "NotFoldable"]
 

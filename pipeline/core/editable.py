@@ -1,5 +1,8 @@
 """A small mutable view of an ONNX graph for the float-graph transforms: producers, consumers, static
-shapes, constants that can be read and written without touching a constant another node shares."""
+shapes, constants that can be read and written without touching a constant another node shares.
+
+Unlike `pipeline.core.graph.Graph` (read-only, nodes by position, types and MACs for inspection), this
+view holds node objects and edits the model in place."""
 
 from __future__ import annotations
 
@@ -7,10 +10,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["Editable", "WEIGHT_OPS"]
+from .names import NameAllocator
+from .ops import WEIGHT_OPS
+from .shapes import static_shapes
 
-# Ops with a constant weight whose input channels can absorb a per-channel scale.
-WEIGHT_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+__all__ = ["Editable", "WEIGHT_OPS"]
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -37,9 +41,8 @@ class Editable:
                 if name:
                     self.consumers.setdefault(name, []).append(node)
         self.outputs = {o.name for o in g.output}
-        self.shapes = _static_shapes(model)
-        self._used = {n.name for n in g.node} | set(self.inits) | set(self.producer)
-        self._used |= {i.name for i in g.input} | {name for node in g.node for name in node.input}
+        self.shapes = static_shapes(model)  # best effort: an unknown shape just stops a fold
+        self.names = NameAllocator(g)
 
     attr = staticmethod(_attr)
 
@@ -65,12 +68,7 @@ class Editable:
     def set_input_const(self, node: onnx.NodeProto, slot: int, value: np.ndarray, tag: str) -> None:
         """Give `node` a new constant at input `slot`: a fresh initializer, so sharers keep the old one."""
         old = node.input[slot] if slot < len(node.input) else ""
-        base = f"{old or node.name}_{tag}"
-        name, k = base, 0
-        while name in self._used:
-            k += 1
-            name = f"{base}_{k}"
-        self._used.add(name)
+        name = self.names.fresh(f"{old or node.name}_{tag}")
         tensor = numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name)
         self.model.graph.initializer.append(tensor)
         self.inits[name] = tensor
@@ -113,20 +111,3 @@ class Editable:
     def input_channel_axis(node: onnx.NodeProto) -> int:
         """Channel axis of the activation input of a MatMul/Gemm (last) or Conv (1)."""
         return 1 if node.op_type == "Conv" else -1
-
-
-def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
-        inferred = model  # best effort: the declared shapes only; an unknown shape just stops a fold
-    g = inferred.graph
-    shapes = {}
-    for value in [*g.input, *g.value_info, *g.output]:
-        t = value.type.tensor_type
-        if not t.HasField("shape"):
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
-        if all(d > 0 for d in dims):
-            shapes[value.name] = tuple(dims)
-    return shapes

@@ -26,11 +26,31 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Batch, DataSource
-from .errors import DataError
-from .recipe import ImageData, InputSpec
+from typing import Annotated, Literal
 
-__all__ = ["image_source", "list_images", "load_image", "read_labels", "folder_fingerprint", "IMAGE_SUFFIXES"]
+from pydantic import Field
+
+from ..core.fileio import sha256_file
+from ..core.schema import StrictModel
+from ..errors import DataError
+from .base import Batch, DataKind, DataSource, OpenContext, register_data_kind
+
+__all__ = ["ImageData", "image_source", "list_images", "load_image", "read_labels", "folder_fingerprint", "IMAGE_SUFFIXES"]
+
+class ImageData(StrictModel):
+    """A folder of PNG/JPEG images with the preprocessing the model expects."""
+
+    kind: Literal["images"]
+    path: Path
+    input: str | None = None
+    size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None  # (height, width)
+    layout: Literal["nchw", "nhwc"] = "nchw"
+    channels: Literal["rgb", "bgr", "gray"] = "rgb"
+    scale: float = 1.0 / 255.0
+    mean: list[float] = Field(default_factory=lambda: [0.0])
+    std: list[float] = Field(default_factory=lambda: [1.0])
+    labels: Path | None = None  # optional CSV "filename,label"
+
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CHANNELS = {"rgb": 3, "bgr": 3, "gray": 1}
@@ -55,15 +75,13 @@ def folder_fingerprint(folder: Path) -> str:
     """sha256 over the names and content of the folder's images (what a data stage's cache key needs)."""
     import hashlib
 
-    from .runner import sha256_file
-
     digest = hashlib.sha256()
     for path in _image_files(folder):
         digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
     return digest.hexdigest()
 
 
-def _target_input(data: ImageData, inputs: list[InputSpec], section: str) -> InputSpec:
+def _target_input(data: ImageData, inputs: list[object], section: str) -> object:
     by_name = {s.name: s for s in inputs}
     if data.input is not None and data.input not in by_name:
         raise DataError(f"{section}.data.input: '{data.input}' is not a model input ({', '.join(by_name)})")
@@ -81,7 +99,7 @@ def _target_input(data: ImageData, inputs: list[InputSpec], section: str) -> Inp
     return by_name[data.input] if data.input is not None else inputs[0]
 
 
-def _geometry(spec: InputSpec, data: ImageData, section: str) -> tuple[int, int, int, int]:
+def _geometry(spec: object, data: ImageData, section: str) -> tuple[int, int, int, int]:
     """(batch, channels, height, width) the input takes, checked against the declared preprocessing."""
     if len(spec.shape) != 4:
         raise DataError(
@@ -105,7 +123,7 @@ def _geometry(spec: InputSpec, data: ImageData, section: str) -> tuple[int, int,
     return batch, channels, height, width
 
 
-def _normalization(data: ImageData, spec: InputSpec, channels: int, section: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _normalization(data: ImageData, spec: object, channels: int, section: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-channel (mean, std) as float32 arrays; None for an integer input (raw pixels)."""
     for key in ("mean", "std"):
         values = getattr(data, key)
@@ -195,7 +213,7 @@ def read_labels(path: Path, section: str) -> dict[str, int]:
     return labels
 
 
-def image_source(path: Path, data: ImageData, inputs: list[InputSpec], limit: int, section: str) -> DataSource:
+def image_source(path: Path, data: ImageData, inputs: list[object], limit: int, section: str) -> DataSource:
     """The images of folder `path` as a DataSource of at most `limit` batches (see the module docstring).
 
     `data.labels`, when set, must already be resolved (pipeline.data resolves it against the recipe).
@@ -232,3 +250,22 @@ def image_source(path: Path, data: ImageData, inputs: list[InputSpec], limit: in
             yield {spec.name: np.ascontiguousarray(np.stack(images))}
 
     return DataSource(f"{path.name}/ ({len(files)} images)", inputs, count, batches, labels)
+
+
+def _open(data: ImageData, ctx: OpenContext) -> DataSource:
+    if data.labels is not None:  # relative to the recipe's folder, like every recipe path
+        data = data.model_copy(update={"labels": ctx.resolve(data.labels)})
+    return image_source(ctx.resolve(data.path), data, ctx.inputs, ctx.limit, ctx.section)
+
+
+def _fingerprint(data: ImageData, ctx: OpenContext) -> dict:
+    """The names and content of the folder's images, plus the labels CSV."""
+    path = ctx.resolve(data.path)
+    key = {"data": folder_fingerprint(path) if path.is_dir() else str(path)}
+    if data.labels is not None:
+        labels = ctx.resolve(data.labels)
+        key["labels"] = sha256_file(labels) if labels.is_file() else str(labels)
+    return key
+
+
+register_data_kind(DataKind("images", ImageData, _open, _fingerprint))

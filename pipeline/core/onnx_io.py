@@ -1,4 +1,5 @@
-"""Small ONNX and onnxruntime helpers shared by the stages: loading with clear errors, sessions, saving.
+"""ONNX and onnxruntime helpers for every layer: loading with clear errors, sessions, saving, exposing
+intermediate values as outputs.
 
 Numerics: `npu_emulation=True` runs a QDQ model with every graph optimization disabled, so Q/DQ pairs run
 as float ops (ideal integer arithmetic, what the NPU computes). The CPU EP's fused int8 kernels saturate
@@ -13,12 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelError
+from ..errors import ModelError
 
 # Threads per onnxruntime session; batch sets it so that parallel workers share the cores.
 THREADS_ENV = "NPU_PIPELINE_THREADS"
 
-__all__ = ["load_onnx", "save_onnx", "model_opset", "make_session", "run_session", "static_input_shapes"]
+__all__ = [
+    "THREADS_ENV", "load_onnx", "save_onnx", "model_opset", "make_session", "run_session", "static_input_shapes",
+    "expose_outputs", "copy_model",
+]
 
 
 def load_onnx(path: Path, *, where: str = "model"):
@@ -44,7 +48,7 @@ def load_onnx(path: Path, *, where: str = "model"):
 
 def save_onnx(model, path: Path) -> None:
     """Serialise deterministically (same graph, same bytes) and write atomically."""
-    from .runner import atomic_write
+    from .fileio import atomic_write
 
     atomic_write(Path(path), model.SerializeToString(deterministic=True))
 
@@ -90,3 +94,26 @@ def static_input_shapes(model) -> dict[str, list[int | str]]:
             dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?"))
         shapes[value.name] = dims
     return shapes
+
+
+def copy_model(model):
+    """A deep copy of a ModelProto (the caller may edit it freely)."""
+    import onnx
+
+    return onnx.ModelProto.FromString(model.SerializeToString())
+
+
+def expose_outputs(model, names: Sequence[str], *, replace: bool = False):
+    """A copy of `model` that also returns the float values `names` (after its own outputs, or instead of
+    them when `replace`). Names already among the outputs are not repeated."""
+    from onnx import TensorProto, helper
+
+    model = copy_model(model)
+    if replace:
+        del model.graph.output[:]
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+            existing.add(name)
+    return model

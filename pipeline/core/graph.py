@@ -1,7 +1,9 @@
-"""A read-only index over an ONNX graph for the target checks: producers, consumers, constants, and the
-element types and shapes that onnx (and, where it gives up, onnxruntime's symbolic) shape inference find.
+"""A read-only index over an ONNX graph: producers, consumers, constants (initializers and Constant nodes),
+and the element types and shapes that onnx (and, where it gives up, onnxruntime's symbolic) shape
+inference find. Nodes are addressed by position (a graph may hold unnamed nodes).
 
-Used by `pipeline.inspect` and `pipeline.targets.placement`; not a public face of the package.
+`pipeline.inspect`, placement and the MAC counts read it; the transforms use its editable sibling
+(`pipeline.core.editable`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-__all__ = ["Graph", "infer_shapes", "node_macs", "cast_to", "Q_OPS", "DQ_OPS", "MAC_OPS"]
+from .ops import DQ_OPS, MAC_OPS, Q_OPS, QDQ_DOMAINS
+from .shapes import ShapeInferenceFailed, infer
 
-Q_OPS = frozenset({"QuantizeLinear", "ExtendedQuantizeLinear"})  # Extended*: Quark's custom-domain Q/DQ
-DQ_OPS = frozenset({"DequantizeLinear", "ExtendedDequantizeLinear"})
-QDQ_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft", "com.amd.quark", "com.vai.quantize"})
-MAC_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+__all__ = ["Graph", "infer_shapes", "node_macs", "cast_to"]
+
 FLOATS = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
 
 
@@ -110,31 +111,19 @@ def cast_to(node: onnx.NodeProto) -> int:
 
 
 def infer_shapes(g: Graph, model: onnx.ModelProto) -> str | None:
-    """Teach `g` the types and shapes onnx shape inference finds; returns why it failed, or None.
-
-    onnx does not know custom-domain Q/DQ (com.microsoft's 16-bit ones, Quark's): the inference runs on a
-    copy where they are Identity (same shape), and their outputs keep only their declared types.
-    """
-    replaced: set[str] = set()
-    if any(n.op_type in Q_OPS | DQ_OPS and n.domain not in ("", "ai.onnx") for n in model.graph.node):
-        model, source = onnx.ModelProto(), model
-        model.CopyFrom(source)
-        for node in model.graph.node:
-            if node.op_type in Q_OPS | DQ_OPS and node.domain not in ("", "ai.onnx"):
-                replaced.update(node.output)
-                del node.input[1:]
-                del node.attribute[:]
-                node.op_type, node.domain = "Identity", ""
+    """Teach `g` the types and shapes onnx shape inference finds; returns why it failed, or None."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as err:
-        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    g.learn(inferred.graph.value_info, inferred.graph.output, skip_types=frozenset(replaced))
+        inferred = infer(model, data_prop=True)
+    except ShapeInferenceFailed as err:
+        return str(err)
+    custom = {o for n in model.graph.node if n.op_type in Q_OPS | DQ_OPS and n.domain not in ("", "ai.onnx")
+              for o in n.output}
+    g.learn(inferred.graph.value_info, inferred.graph.output, skip_types=frozenset(custom))
     declared = {v.name for v in g.outputs}
     g.outputs = [v for v in inferred.graph.output if v.name in declared] or g.outputs
     static_inputs = all(g.shape(v.name) is not None for v in g.inputs)  # else it only finds symbols
     if static_inputs and any(node_macs(g, n) is None for n in g.nodes if n.op_type in MAC_OPS):
-        _infer_symbolic(g, model, replaced)
+        _infer_symbolic(g, model, custom)
     return None
 
 

@@ -14,13 +14,13 @@ outliers into its own int8 Q/DQ pair and gain nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
+from pydantic import Field
 
-from ._graph import Editable
-from .channel_stats import ChannelStats
+from ...core.editable import Editable
+from ..statistics import ChannelStats
+from . import Transform, TransformConfig, TransformContext, register_transform
 from .fold import FoldPlan, NotFoldable, plan_fold
 
 __all__ = ["SmoothQuant", "weight_inputs", "SCALE_LIMITS"]
@@ -37,18 +37,26 @@ def weight_inputs(graph: Editable, ops: frozenset[str]) -> dict[str, list[onnx.N
     return found
 
 
-@dataclass
-class SmoothQuant:
-    """The transform; `alpha` in [0, 1]. `__call__` edits the model and returns what it did."""
+class SmoothQuantConfig(TransformConfig):
+    alpha: float = Field(0.5, ge=0, le=1)
 
-    alpha: float = 0.5
-    ops: frozenset[str] = frozenset({"MatMul", "Gemm"})
-    applied: list[dict] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
+
+@register_transform
+class SmoothQuant(Transform):
+    """The transform; `alpha` in [0, 1]."""
+
+    name = "smoothquant"
+    Config = SmoothQuantConfig
+    ops = frozenset({"MatMul", "Gemm"})
+
+    @property
+    def alpha(self) -> float:
+        return self.config.alpha
 
     def tensors(self, graph: Editable) -> dict[str, FoldPlan]:
         """The inputs this transform can smooth (each with its fold plan); the rest go to `skipped`."""
         plans = {}
+        self.skipped = []
         for tensor, consumers in weight_inputs(graph, self.ops).items():
             try:
                 plans[tensor] = plan_fold(graph, tensor)
@@ -56,7 +64,24 @@ class SmoothQuant:
                 self.skipped.append({"tensor": tensor, "consumers": [n.name for n in consumers], "reason": str(why)})
         return plans
 
-    def __call__(self, graph: Editable, plans: dict[str, FoldPlan], stats: dict[str, ChannelStats]) -> dict[str, np.ndarray]:
+    def requests(self, graph: Editable) -> dict[str, tuple[int, int]]:
+        return {t: (len(graph.shape(t)), graph.input_channel_axis(graph.consumers[t][0])) for t in self.tensors(graph)}
+
+    def apply(self, graph: Editable, stats: dict[str, ChannelStats], ctx: TransformContext) -> set[str]:
+        """Smooth every foldable input; its statistics become those of X / s for the transforms after it."""
+        plans = {t: plan_fold(graph, t) for t in self.tensors(graph)}
+        scales = self.smooth(graph, plans, stats)
+        stale: set[str] = set()
+        for tensor, s in scales.items():
+            stats[tensor] = stats[tensor].rescaled(s)
+            stale.update(plans[tensor].path)
+        self.samples = max((s.samples for s in stats.values()), default=0)
+        return stale
+
+    def report(self) -> dict:
+        return {"alpha": self.alpha, "samples": getattr(self, "samples", 0), **super().report()}
+
+    def smooth(self, graph: Editable, plans: dict[str, FoldPlan], stats: dict[str, ChannelStats]) -> dict[str, np.ndarray]:
         """Smooth every planned input that has statistics; returns {tensor: s} (X became X / s)."""
         scales = {}
         for tensor, plan in plans.items():

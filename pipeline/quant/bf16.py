@@ -31,20 +31,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import ModelError
+from ..core.names import NameAllocator
+from ..core.ops import BF16_EXACT_OPS
+from ..core.shapes import ShapeInferenceFailed, infer
+from ..errors import ModelError
 
 __all__ = ["round_to_bf16", "emulate_bf16", "to_bf16_model"]
 
 _FLOAT = TensorProto.FLOAT
 _MIN_OPSET = 13  # Cast to/from bfloat16 is in the default domain from opset 13 on
-
-# Ops whose float outputs are copies, selections, max/min or sign flips of their float inputs: bf16 in
-# means bf16 out exactly, so a Cast pair after them would change nothing and is left out.
-_EXACT_OPS = frozenset({
-    "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice",
-    "Gather", "GatherElements", "GatherND", "Expand", "Tile", "Pad", "DepthToSpace", "SpaceToDepth",
-    "Relu", "MaxPool", "Max", "Min", "ReduceMax", "ReduceMin", "Neg", "Abs", "Where",
-})
 
 
 def round_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -57,15 +52,10 @@ def round_to_bf16(x: np.ndarray) -> np.ndarray:
     if a.dtype != np.float32:
         # Rounding float64 via float32 would round twice; make the caller choose.
         raise TypeError(f"round_to_bf16 takes float32, got {a.dtype}")
-    bits = np.ascontiguousarray(a).reshape(-1).view(np.uint32)
-    # RNE on the bit pattern: add 0x7FFF plus the lowest kept bit, then drop the 16 low bits. A carry
-    # into the exponent is the correct rounding up (to inf past the largest finite value).
-    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    # NaN: the add could carry into the sign; keep sign and top payload, force the quiet bit so a
-    # payload held only in the low bits cannot turn into inf.
-    nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    rounded = np.where(nan, (bits & 0xFFFF0000) | 0x00400000, rounded).astype(np.uint32)
-    return rounded.view(np.float32).reshape(a.shape)
+    import ml_dtypes
+
+    with np.errstate(invalid="ignore"):  # NaN payloads: ml_dtypes keeps sign and quiet NaN, numpy warns
+        return a.astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def emulate_bf16(model: onnx.ModelProto, *, keep_float: Iterable[str] = ()) -> onnx.ModelProto:
@@ -104,29 +94,10 @@ def to_bf16_model(model: onnx.ModelProto, *, keep_float: Iterable[str] = ()) -> 
 # --------------------------------------------------------------------------------------------------
 
 
-class _Names:
-    """Fresh tensor/node names that collide with nothing already in the graph."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.used = {n.name for n in graph.node}
-        self.used |= {v.name for v in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]}
-        for n in graph.node:
-            self.used.update(n.input)
-            self.used.update(n.output)
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.used:
-            k += 1
-            name = f"{base}_{k}"
-        self.used.add(name)
-        return name
-
-
 @dataclass
 class _Plan:
     model: onnx.ModelProto
-    names: _Names
+    names: NameAllocator
     rounded_inits: set[str] = field(default_factory=set)
 
 
@@ -138,7 +109,7 @@ def _emulate(model: onnx.ModelProto, keep_float: Iterable[str]) -> _Plan:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    plan = _Plan(out, _Names(g))
+    plan = _Plan(out, NameAllocator(g))
     names = plan.names
 
     npu_readers: set[str] = set()
@@ -200,7 +171,7 @@ def _emulate(model: onnx.ModelProto, keep_float: Iterable[str]) -> _Plan:
             continue
         # Every float input of an NPU node is bf16 by now, so an exact op's outputs already are.
         has_float_in = any(types.get(i) == _FLOAT for i in n.input if i)
-        if n.domain in ("", "ai.onnx") and n.op_type in _EXACT_OPS and has_float_in:
+        if n.domain in ("", "ai.onnx") and n.op_type in BF16_EXACT_OPS and has_float_in:
             continue
         for o in float_outs:
             raw = names.fresh(f"{o}__f32")
@@ -248,8 +219,8 @@ def _check_supported(model: onnx.ModelProto, keep: set[str]) -> None:
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor name, from the graph and onnx shape inference (model untouched)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as err:
+        inferred = infer(model)
+    except ShapeInferenceFailed as err:
         raise ModelError(f"bf16 emulation: onnx shape inference fails on the model: {err}") from err
     g = inferred.graph
     types = {}

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .report import format_value  # one number format for report.md and report.html
+from .markdown import accuracy_rows, format_value  # one number format for report.md and report.html
 
 __all__ = ["render_html", "worst_histograms", "histogram_series", "svg_scatter", "svg_bars", "svg_histogram"]
 
@@ -223,8 +223,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def _accuracy(manifest: dict, metrics: dict) -> list[str]:
-    from .report import accuracy_rows
-
     rows = [(_e(a), _e(b), _e(c)) for a, b, c in accuracy_rows(metrics)]
     out = ["<h2>Accuracy</h2>",
            f"<p>Validated on {_e(metrics.get('samples'))} held-out samples ({_e(metrics.get('task'))}). "
@@ -362,7 +360,7 @@ def worst_histograms(layer_errors: dict | None, stats_path, ranges: dict, *, cou
     """Histogram data of the `count` worst layers that have calibration statistics and a range."""
     from pathlib import Path
 
-    from .stats import StatsCollector
+    from ..quant.histogram import StatsCollector
 
     if not layer_errors or stats_path is None or not Path(stats_path).is_file():
         return []

@@ -10,26 +10,33 @@ Chains (conv1 -> conv2 -> conv3) are swept until the scales settle, as in the pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
-from ._graph import Editable
+from ...core.editable import Editable
+from . import Transform, TransformConfig, TransformContext, register_transform
 from .fold import NotFoldable, plan_fold
 from .smoothquant import SCALE_LIMITS, weight_inputs
 
 __all__ = ["CrossLayerEqualization"]
 
 
-@dataclass
-class CrossLayerEqualization:
-    ops: frozenset[str] = frozenset({"Conv", "Gemm", "MatMul"})
+class CrossLayerEqualizationConfig(TransformConfig):
     sweeps: int = 20
     tolerance: float = 1e-3
-    applied: list[dict] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
 
-    def __call__(self, graph: Editable) -> dict[str, np.ndarray]:
+
+@register_transform
+class CrossLayerEqualization(Transform):
+    name = "cross_layer_equalization"
+    Config = CrossLayerEqualizationConfig
+    ops = frozenset({"Conv", "Gemm", "MatMul"})
+
+    def apply(self, graph: Editable, stats, ctx: TransformContext) -> set[str]:
+        """Equalize every foldable pair; the tensors between each pair change (by 1/s per channel)."""
+        self.equalize(graph)
+        return {t for entry in self.applied for t in _path(graph, entry["tensor"])}
+
+    def equalize(self, graph: Editable) -> dict[str, np.ndarray]:
         """Equalize every foldable pair; returns {tensor between the pair: accumulated s} (X became X / s)."""
         plans = {}
         for tensor, consumers in weight_inputs(graph, self.ops).items():
@@ -46,7 +53,7 @@ class CrossLayerEqualization:
             plans[tensor] = plan
         total = {t: np.ones(p.channels) for t, p in plans.items()}
         before = {t: self._ranges(graph, p) for t, p in plans.items()}
-        for _ in range(self.sweeps):
+        for _ in range(self.config.sweeps):
             largest = 0.0
             for tensor, plan in plans.items():
                 r1, r2 = self._ranges(graph, plan)
@@ -55,7 +62,7 @@ class CrossLayerEqualization:
                 plan.apply(graph, s, "cle")
                 total[tensor] *= s
                 largest = max(largest, float(np.abs(np.log(s)).max()))
-            if largest < self.tolerance:
+            if largest < self.config.tolerance:
                 break
         for tensor, plan in plans.items():
             (r1a, r2a), (r1b, r2b) = before[tensor], self._ranges(graph, plan)
@@ -80,3 +87,10 @@ class CrossLayerEqualization:
 
 def _worst_share(r: np.ndarray) -> float:
     return float(r.min() / r.max()) if r.max() > 0 else 1.0
+
+
+def _path(graph: Editable, tensor: str) -> list[str]:
+    try:
+        return plan_fold(graph, tensor).path
+    except NotFoldable:  # cannot happen after a successful fold; be conservative anyway
+        return [tensor]

@@ -15,13 +15,13 @@ This changes the float function on purpose, so every statistic downstream of a c
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from ._graph import Editable
-from .channel_stats import ChannelStats
+from ...core.editable import Editable
+from ..statistics import ChannelStats
+from . import Transform, TransformContext, downstream, register_transform
 from .smoothquant import weight_inputs
 
 __all__ = ["BiasCorrection", "dequantized_weights"]
@@ -52,16 +52,29 @@ def dequantized_weights(qmodel: onnx.ModelProto) -> dict[str, np.ndarray]:
     return found
 
 
-@dataclass
-class BiasCorrection:
-    ops: frozenset[str] = frozenset({"MatMul", "Gemm", "Conv"})
-    applied: list[dict] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
+@register_transform
+class BiasCorrection(Transform):
+    name = "bias_correction"
+    ops = frozenset({"MatMul", "Gemm", "Conv"})
 
     def inputs(self, graph: Editable) -> dict[str, list[onnx.NodeProto]]:
         return weight_inputs(graph, self.ops)
 
-    def __call__(self, graph: Editable, stats: Mapping[str, ChannelStats], quantized: Mapping[str, np.ndarray]) -> list[str]:
+    def requests(self, graph: Editable) -> dict[str, tuple[int, int]]:
+        return {t: (len(graph.shape(t)), graph.input_channel_axis(c[0])) for t, c in self.inputs(graph).items()}
+
+    def apply(self, graph: Editable, stats: dict[str, ChannelStats], ctx: TransformContext) -> set[str]:
+        """Correct every layer; everything downstream of a corrected layer changes."""
+        if ctx.quantize is None:
+            raise ValueError("bias correction needs the quantizer (to read the weights it makes)")
+        corrected = self.correct(graph, stats, dequantized_weights(ctx.quantize(graph.model)))
+        self.samples = max((s.samples for s in stats.values()), default=0)
+        return downstream(graph.model, corrected)
+
+    def report(self) -> dict:
+        return {"samples": getattr(self, "samples", 0), **super().report()}
+
+    def correct(self, graph: Editable, stats: Mapping[str, ChannelStats], quantized: Mapping[str, np.ndarray]) -> list[str]:
         """Correct every layer with input statistics and a quantized weight; returns the corrected nodes."""
         corrected = []
         for tensor, consumers in self.inputs(graph).items():

@@ -1,0 +1,58 @@
+"""Calibration and validation data: iterables of `{input_name: ndarray}` built from a recipe dataset.
+
+Stages never know where data came from. Every source is streamed one model batch at a time, so memory
+does not grow with the number of samples, and every sample is checked against the recipe's input specs
+(names, shapes, dtypes, finite values) with an error that names the file, the sample and the tensor.
+Data kinds (`npz`, `text`, `images`) are a registry (`base.register_data_kind`): one module each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.fileio import sha256_file
+from ..errors import DataError
+from .base import Batch, DataKind, DataSource, OpenContext, check_batch, data_kinds, register_data_kind
+
+__all__ = [
+    "Batch", "DataSource", "DataKind", "OpenContext", "register_data_kind", "data_kinds", "check_batch",
+    "open_dataset", "dataset_fingerprint", "dataset_schemas",
+]
+
+
+def _context(recipe, section: str, limit: int | None) -> OpenContext:
+    settings = getattr(recipe, section)
+    return OpenContext(list(recipe.inputs), section, settings.samples if limit is None else limit, recipe.resolve)
+
+
+def open_dataset(recipe, section: str, *, limit: int | None = None) -> DataSource:
+    """The recipe's `calibration` or `validation` data as a `DataSource` of at most `limit` batches."""
+    data = getattr(recipe, section).data
+    ctx = _context(recipe, section, limit)
+    path = ctx.resolve(data.path)
+    if not path.exists():
+        raise DataError(f"{section}.data.path: {path} does not exist (run 'make data' or fix the recipe path)")
+    return data_kinds()[data.kind].open(data, ctx)
+
+
+def dataset_fingerprint(recipe, section: str) -> dict:
+    """The content a stage reads from the `section` data set, hashed, for its cache key.
+
+    A file: its sha256. Kinds that read more (an image folder) say so with their own `fingerprint`. A
+    missing path: its name (the stage then fails on it with a clear error).
+    """
+    data = getattr(recipe, section).data
+    ctx = _context(recipe, section, None)
+    kind = data_kinds()[data.kind]
+    if kind.fingerprint is not None:
+        return kind.fingerprint(data, ctx)
+    path = ctx.resolve(data.path)
+    return {"data": sha256_file(path) if path.is_file() else str(path)}
+
+
+def dataset_schemas() -> tuple[type, ...]:
+    """The pydantic schema of every registered data kind (the recipe's `data` union)."""
+    return tuple(kind.schema for kind in data_kinds().values())
+
+
+from . import npz, text, images  # noqa: E402,F401  (register the builtin data kinds)

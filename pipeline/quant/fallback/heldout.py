@@ -1,0 +1,134 @@
+"""The fallback over real models: scoring on a held-out split, sensitivity rankings, shares from placement.
+
+Callers give the float model being quantized (after transforms), the reference it is judged against, a
+`quantize(config)` function, the held-out batches (never the validation set) and the gates; `run()` builds
+the `SearchSpace` and returns the `FallbackResult`. Nothing here reads a recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ...core.formats import Format
+from ...core.masks import masked_softmax_inputs
+from ...core.metrics import compare_outputs
+from ...core.onnx_io import make_session
+from ...core.ops import LAYOUT_OPS, MAC_OPS
+from ...core.tasks import gate_holds, task_metrics
+from ...inspect import inspect_model
+from ..layer_error import local_sqnr, node_sqnr_drop, quantized_view
+from .search import FallbackConfig, FallbackResult, SearchSpace, search
+from .shares import compute_shares, value_groups
+
+__all__ = ["HeldOutFallback", "npu_numerics"]
+
+
+def npu_numerics(qmodel, config: FallbackConfig):
+    """The model as the NPU computes it: BF16 nodes rounded to bfloat16 (`pipeline.quant.bf16`), rest as is."""
+    if not config.bf16:
+        return qmodel
+    from ..bf16 import emulate_bf16
+
+    keep = [n.name for n in qmodel.graph.node if n.name not in config.bf16]
+    return emulate_bf16(qmodel, keep_float=keep)
+
+
+@dataclass
+class HeldOutFallback:
+    """Runs `search` for one model: held-out scoring, rankings and shares over real models.
+
+    `settings` carries the recipe's fallback settings (rungs, share budgets, curve_points); `gates` are
+    objects with `metric`, `min` and `max`; `task` and `task_output` say which output the metrics read.
+    """
+
+    model: object  # the float model being quantized (after transforms)
+    reference: object  # the float model validation compares against (the prepared model)
+    quantize: Callable[[FallbackConfig], tuple]  # config -> (qmodel, ranges, info)
+    target: object
+    fmt: Format
+    batches: Sequence[dict]
+    where: str  # where the held-out split comes from (reported)
+    gates: Sequence
+    task: str
+    task_output: str | None
+    settings: object
+    ranking_samples: int = 8
+    _refs: np.ndarray | None = None
+    _base: tuple | None = None
+    _placement: list = field(default_factory=list)
+
+    def run(self) -> FallbackResult:
+        settings = self.settings
+        reference = make_session(self.reference.SerializeToString())
+        names = [o.name for o in reference.get_outputs()]
+        self._task = names.index(self.task_output or names[0])
+        self._refs = np.concatenate([reference.run(None, b)[self._task] for b in self.batches])
+        self._base = self.quantize(FallbackConfig())
+        self._placement = inspect_model(self._base[0], self.target, self.fmt).placement
+        probe = self._metrics(self._base[0])
+        gates = [g for g in self.gates if g.metric in probe]
+        skipped = sorted({g.metric for g in self.gates} - {g.metric for g in gates})
+        rungs = [r for r in settings.rungs if r != "bf16" or Format.BF16 in self.target.formats]
+        space = SearchSpace(
+            score=self._score,
+            gates=lambda m: all(gate_holds(float(m[g.metric]), g.min, g.max) for g in gates),
+            shares=lambda c: compute_shares(self._placement, c, self._readers16),
+            rank_values=self._rank_values,
+            rank_nodes=self._rank_nodes,
+            rungs=rungs,
+            max_off_int8=settings.max_mac_share_off_int8,
+            max_off_npu=settings.max_mac_share_off_npu,
+            max_nodes_off_npu=settings.max_node_share_off_npu,
+            curve_points=settings.curve_points,
+        )
+        if not gates:
+            result = FallbackResult(FallbackConfig(), False)
+            result.notes.append("no gate can be measured on the held-out split: nothing to search for")
+        else:
+            result = search(space)
+        result.notes.insert(0, f"held-out split: {self.where}")
+        if skipped:
+            result.notes.append(f"gates not measurable on the held-out split, left out of the search: {', '.join(skipped)}")
+        if "bf16" in settings.rungs and "bf16" not in rungs:
+            result.notes.append(f"bf16 rung skipped: target {self.target.name} does not run BF16")
+        return result
+
+    def _metrics(self, npu_model) -> dict:
+        session = make_session(npu_model.SerializeToString(), npu_emulation=True)
+        got = np.concatenate([session.run(None, b)[self._task] for b in self.batches])
+        return {**task_metrics(self.task, self._refs, got, None), **compare_outputs([self._refs], [got])}
+
+    def _score(self, config: FallbackConfig) -> dict:
+        qmodel = self.quantize(config)[0]
+        metrics = self._metrics(npu_numerics(qmodel, config))
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def _readers16(self, config: FallbackConfig) -> set[str]:
+        return {n.name for n in self.model.graph.node if any(i in config.promote for i in n.input)}
+
+    def _rank_values(self) -> list[list[str]]:
+        qmodel, ranges, _ = self._base
+        view = quantized_view(qmodel)
+        quantized = {t: r for t, r in ranges.items() if t in view}
+        masked = masked_softmax_inputs(self.model)
+        scores = local_sqnr(self.model, quantized, self.batches[: self.ranking_samples], masked=masked)
+        groups = value_groups(self.model, quantized)
+        mac_read = {i for n in self.model.graph.node if n.op_type in MAC_OPS for i in n.input}
+        # Values no MAC node reads first: promoting them costs no int8 MACs.
+        return sorted(groups, key=lambda g: (bool(mac_read & set(g)), min(scores[t] for t in g), sorted(g)))
+
+    def _rank_nodes(self, rung: str, config: FallbackConfig) -> list[str]:
+        _, _, info = self._base
+        quantized_ops = set(info["op_types_quantized"]) - LAYOUT_OPS
+        excluded = set(info["excluded_nodes"])
+        candidates = [
+            n.name for n in self.model.graph.node
+            if n.op_type in quantized_ops and n.name not in excluded
+            and (rung != "bf16" or self.target.runs(n.op_type, Format.BF16))
+        ]
+        qmodel = self.quantize(config)[0]
+        drops = node_sqnr_drop(self.model, qmodel, self.batches[: self.ranking_samples], candidates)
+        return sorted(drops, key=lambda n: (-drops[n], n))

@@ -1,0 +1,164 @@
+"""Per-layer error: SQNR between the float model's activations and the quantized model's, tensor by tensor.
+
+In a QDQ graph every float activation `T` keeps its name (its producer still writes `T`), and the value
+the next op actually reads is the DequantizeLinear output of `T`'s Q/DQ pair. Comparing that value with
+the float model's `T`, on the same inputs, gives the accumulated error at that point of the network: the
+ranking says where the error comes from. Sums are streamed (`pipeline.core.metrics.ErrorSums`), so memory
+is one sample's activations.
+
+Softmax inputs that carry an additive attention mask are scored on unmasked positions only: the -1e4 at
+masked positions clips harmlessly, and would otherwise read as ~0 dB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..core.masks import MASKED_BELOW, masked_softmax_inputs
+from ..core.metrics import ErrorSums, sqnr_db
+from ..core.onnx_io import expose_outputs, make_session
+from ..core.shapes import float_values
+
+__all__ = [
+    "LayerError", "layer_errors", "quantized_view", "compare_values", "layer_error_report", "node_sqnr_drop",
+    "local_sqnr",
+]
+
+
+@dataclass(frozen=True)
+class LayerError:
+    tensor: str
+    producer: str  # the node that writes the tensor in the float model
+    op_type: str
+    sqnr_db: float
+    cosine: float
+
+
+def quantized_view(qmodel: onnx.ModelProto) -> dict[str, str]:
+    """{float tensor: the name of the value consumers read in the QDQ model (its DQ output)}."""
+    graph_inputs = {i.name for i in qmodel.graph.input}
+    producers = {o for n in qmodel.graph.node for o in n.output} | graph_inputs
+    dq_of = {n.input[0]: n.output[0] for n in qmodel.graph.node if n.op_type == "DequantizeLinear"}
+    view = {}
+    for node in qmodel.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in producers and node.output[0] in dq_of:
+            view[node.input[0]] = dq_of[node.output[0]]
+    return view
+
+
+def compare_values(float_model, qmodel, batches: Iterable[dict], pairs: dict[str, str], *,
+                   masked: bool = False) -> dict[str, ErrorSums]:
+    """{float tensor: ErrorSums} of `pairs` (float tensor -> the qmodel value to compare), streamed.
+
+    `masked`: only positions where the float value is above MASKED_BELOW count.
+    """
+    names = list(pairs)
+    f_session = make_session(expose_outputs(float_model, names).SerializeToString(), optimize=False)
+    q_session = make_session(expose_outputs(qmodel, [pairs[t] for t in names]).SerializeToString(), npu_emulation=True)
+    f_index = {o.name: i for i, o in enumerate(f_session.get_outputs())}
+    q_index = {o.name: i for i, o in enumerate(q_session.get_outputs())}
+    sums = {t: ErrorSums() for t in names}
+    for batch in batches:
+        f_out, q_out = f_session.run(None, batch), q_session.run(None, batch)
+        for t in names:
+            ref = f_out[f_index[t]].astype(np.float64).ravel()
+            got = q_out[q_index[pairs[t]]].astype(np.float64).ravel()
+            if masked:
+                keep = ref > MASKED_BELOW
+                ref, got = ref[keep], got[keep]
+            sums[t].update(ref, got)
+    return sums
+
+
+def layer_errors(float_model, qmodel, batches: Iterable[dict], *, bf16: bool = False) -> list[LayerError]:
+    """SQNR (dB) and cosine of every quantized activation, worst first, over `batches`."""
+    view = quantized_view(qmodel)
+    if bf16:  # bf16 emulation rounds node outputs in place: compare the same names
+        float_names = {o for n in float_model.graph.node for o in n.output}
+        view = {o: o for n in qmodel.graph.node for o in n.output if o in float_names}
+    producers = {o: n for n in float_model.graph.node for o in n.output}
+    names = sorted(t for t in view if t in producers)
+    sums = compare_values(float_model, qmodel, batches, {t: view[t] for t in names})
+    results = [LayerError(t, producers[t].name, producers[t].op_type, sums[t].sqnr_db, sums[t].cosine) for t in names]
+    return sorted(results, key=lambda e: e.sqnr_db)
+
+
+def layer_error_report(float_model, qmodel, batches: Sequence[dict], *, bf16: bool = False) -> dict:
+    """Per-layer SQNR/cosine, worst first, mask-aware, as JSON-ready data.
+
+    A Softmax input that carries an additive attention mask is rescored on its unmasked positions
+    (a masked score clipped to the range's bottom changes nothing, but counts as a huge error).
+    `bf16`: `qmodel` is a bfloat16-rounding copy; every float node output is compared by name.
+    """
+    producers = {o: n for n in float_model.graph.node for o in n.output}
+    if bf16:  # layer_errors(bf16=True) would expose integer outputs (mask path) as float: compare floats only
+        pairs = {t: t for t in float_values(float_model) & float_values(qmodel)}
+        sums = compare_values(float_model, qmodel, batches, pairs)
+        errors = [LayerError(t, producers[t].name, producers[t].op_type, sums[t].sqnr_db, sums[t].cosine)
+                  for t in sorted(pairs)]
+        masked = []
+    else:
+        errors = layer_errors(float_model, qmodel, batches)
+        view = quantized_view(qmodel)
+        masked = [t for t in masked_softmax_inputs(float_model) if t in view]
+    rescored = compare_values(float_model, qmodel, batches, {t: view[t] for t in masked}, masked=True) if masked else {}
+    order = {o: i for i, n in enumerate(float_model.graph.node) for o in n.output}
+    layers = []
+    for e in errors:
+        entry = {"tensor": e.tensor, "producer": e.producer, "op_type": e.op_type, "order": order.get(e.tensor, -1),
+                 "sqnr_db": round(e.sqnr_db, 4), "cosine": round(e.cosine, 6)}
+        if e.tensor in rescored:
+            entry.update(sqnr_db=round(rescored[e.tensor].sqnr_db, 4), cosine=round(rescored[e.tensor].cosine, 6),
+                         note=f"additive attention mask: positions below {MASKED_BELOW:g} (masked) excluded")
+        layers.append(entry)
+    layers.sort(key=lambda x: (x["sqnr_db"], x["tensor"]))
+    return {"samples": len(batches), "layers": layers}
+
+
+def node_sqnr_drop(float_model, qmodel, batches: Iterable[dict], candidates: Iterable[str]) -> dict[str, float]:
+    """dB of SQNR each candidate node loses between its worst input and its output in `qmodel`."""
+    errors = {e.tensor: e.sqnr_db for e in layer_errors(float_model, qmodel, batches)}
+    wanted = set(candidates)
+    drops = {}
+    for node in float_model.graph.node:
+        if node.name not in wanted:
+            continue
+        outs = [errors[o] for o in node.output if o in errors]
+        ins = [errors[i] for i in node.input if i in errors]
+        if not outs:
+            continue
+        drops[node.name] = (min(ins) if ins else 200.0) - min(outs)
+    return drops
+
+
+def local_sqnr(model, ranges: dict[str, dict], batches: Iterable[dict], *, masked: Iterable[str] = ()) -> dict[str, float]:
+    """Each tensor's own quantization SQNR (dB): its float values against their fake-quantized copy.
+
+    `ranges[t]` holds "lo", "hi" (symmetric or not) and "bits", as quantize chose them. Tensors named in
+    `masked` (Softmax inputs with an additive mask) are scored where the value is above MASKED_BELOW.
+    """
+    names = list(ranges)
+    masked = set(masked)
+    session = make_session(expose_outputs(model, names).SerializeToString(), optimize=False)
+    index = {o.name: i for i, o in enumerate(session.get_outputs())}
+    signal = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
+    for batch in batches:
+        outputs = session.run(None, batch)
+        for t in names:
+            x = outputs[index[t]].astype(np.float64).ravel()
+            if t in masked:
+                x = x[x > MASKED_BELOW]
+            r = ranges[t]
+            levels = 2.0 ** r["bits"] - 1
+            scale = max((r["hi"] - r["lo"]) / levels, 1e-30)
+            zero = np.round(-r["lo"] / scale)
+            q = np.clip(np.round(x / scale) + zero, 0, levels)
+            err = (q - zero) * scale - x
+            signal[t] += float(x @ x)
+            noise[t] += float(err @ err)
+    return {t: sqnr_db(signal[t], noise[t]) for t in names}

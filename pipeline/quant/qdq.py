@@ -1,0 +1,185 @@
+"""QDQ insertion through onnxruntime's `QDQQuantizer`, fed with *our* ranges (its calibrators never run).
+
+What is decided here is what to quantize and with which range:
+- operators: those the target runs on its device in this format (its operator table) that onnxruntime can
+  quantize; the rest stay float and the placement report says they fall back to the CPU;
+- the attention-mask path (float tensors computed from integer inputs) stays float (`pipeline.core.masks`);
+- ranges: the recipe's range method per tensor; Softmax inputs that carry an additive mask get a mask-aware
+  range (the masked spike is ignored, and the range is wide enough that clipped masked scores still vanish);
+- power-of-two formats (XINT8): scales chosen by minimising quantization MSE, activations and weights alike;
+- the format row (`pipeline.core.formats`) gives bit widths, storage types, symmetry and granularity;
+  `promote` lifts chosen activations to 16 bits (the accuracy-aware fallback).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx
+
+from ..core.formats import Format
+from ..core.masks import mask_path_nodes, masked_softmax_inputs
+from ..core.ops import MAC_OPS, QUANTIZABLE_OPS
+from ..errors import RecipeError, StageError
+from .histogram import StatsCollector, TensorStats
+from .ranges import choose_range
+from .ranges.methods import pow2_scale_mse
+
+__all__ = ["quantize_qdq", "pow2_override"]
+
+
+def pow2_override(scale: float) -> dict:
+    # 0-d arrays: onnxruntime (1.32 here) rejects numpy scalars (np.float32, np.int8) in TensorQuantOverrides.
+    return {"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}
+
+
+def _weight_pow2_overrides(model: onnx.ModelProto, quantized_ops: set[str], bits: int) -> dict:
+    """Power-of-two scale for every weight initializer of a quantized Conv/Gemm/MatMul (XINT8)."""
+    from onnx import numpy_helper
+
+    weights = {i.name: i for i in model.graph.initializer}
+    overrides = {}
+    for node in model.graph.node:
+        if node.op_type not in MAC_OPS or node.op_type not in quantized_ops:
+            continue
+        for name in node.input[:2]:
+            if name in weights and name not in overrides:
+                values = numpy_helper.to_array(weights[name]).astype(np.float32).ravel()
+                scale = pow2_scale_mse(TensorStats.from_array(values), num_bits=bits)
+                overrides[name] = [pow2_override(scale)]
+    return overrides
+
+
+def _promoted_constants(model: onnx.ModelProto, promoted: set[str]) -> list[str]:
+    """Constant operands (not weights or biases) of the nodes that write a promoted tensor: a bias Add or
+    a position-embedding Add computing at 16 bits reads its constant at 16 bits too (as in A16W8)."""
+    from onnx import TensorProto
+
+    init = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    found = set()
+    for node in model.graph.node:
+        if not promoted & set(node.output):
+            continue
+        for slot, name in enumerate(node.input):
+            is_weight = node.op_type in MAC_OPS and slot >= 1
+            if name in init and not is_weight:
+                found.add(name)
+    return sorted(found)
+
+
+def _masked_softmax_range(scores: TensorStats, method: str, percentile: float, bits: int):
+    """Range for a Softmax input that carries an additive mask (Add(scores, mask) -> Softmax).
+
+    The range comes from the scores before the mask was added (the Add's other input), so the -1e4
+    spike of masked positions does not set the scale; it is then widened so that a masked score,
+    clipped to -range, still sits 16 below the largest real score: exp(-16) ~ 1e-7 of the mass.
+    """
+    lo, hi, used = choose_range(scores, method, bits=bits, symmetric=True, percentile=percentile)
+    bound = max(abs(lo), abs(hi), 16.0 - hi)
+    return -bound, bound, f"{used}+mask"
+
+
+def quantize_qdq(
+    model: onnx.ModelProto,
+    collector: StatsCollector,
+    *,
+    target,
+    fmt: Format,
+    method: str,
+    percentile: float = 99.999,
+    exclude_nodes: Iterable[str] = (),
+    promote: Mapping[str, int] | None = None,
+    promote_method: str | None = None,
+):
+    """QDQ-quantize `model` with ranges from `collector`; returns (model, ranges by tensor, info).
+
+    `exclude_nodes` stay float (they run on the CPU). `promote` maps activation tensors to a wider
+    integer (16 bits): the accuracy-aware fallback's first step before giving a node up to the CPU;
+    `promote_method` (default: `method`) chooses their ranges.
+    """
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    fmt = Format(fmt)
+    spec = fmt.spec
+    if not spec.quantized:
+        raise StageError(f"quantize: format {fmt.value} has no Q/DQ (it is a float format)")
+    method = str(getattr(method, "value", method))
+    promote_method = None if promote_method is None else str(getattr(promote_method, "value", promote_method))
+    promote = dict(promote or {})
+    present_ops = {n.op_type for n in model.graph.node}
+    op_types = sorted(op for op in present_ops & QUANTIZABLE_OPS if target.runs(op, fmt))
+    known_nodes = {n.name for n in model.graph.node}
+    unknown = sorted(set(exclude_nodes) - known_nodes)
+    if unknown:
+        raise RecipeError(f"quantization.exclude_nodes: no node named {', '.join(unknown)} in the prepared model")
+    mask_nodes = mask_path_nodes(model)
+    exclude = sorted(set(exclude_nodes) | mask_nodes)
+    masked_scores = masked_softmax_inputs(model, mask_nodes)
+    symmetric = spec.symmetric_activations
+    ranges, methods, overrides = {}, {}, {}
+    for name in collector.names:
+        stats = collector[name]
+        bits = promote.get(name, spec.activation_bits)
+        how = promote_method if promote_method is not None and bits != spec.activation_bits else method
+        if name in masked_scores and masked_scores[name] in collector:
+            lo, hi, used = _masked_softmax_range(collector[masked_scores[name]], how, percentile, bits)
+        else:
+            lo, hi, used = choose_range(stats, how, bits=bits, symmetric=symmetric, percentile=percentile)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise StageError(f"quantize: range of '{name}' is not finite ({lo}, {hi})")
+        if spec.power_of_two and bits == 8:
+            scale = pow2_scale_mse(stats, num_bits=8)
+            overrides[name] = [pow2_override(scale)]
+            lo, hi = -128 * scale, 127 * scale
+        elif bits != spec.activation_bits:
+            overrides[name] = [{"quant_type": QuantType.QInt16}]
+        ranges[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+        methods[name] = {"lo": lo, "hi": hi, "method": used, "bits": bits}
+    if spec.power_of_two:
+        overrides.update(_weight_pow2_overrides(model, set(op_types), spec.weight_bits))
+    for name in _promoted_constants(model, {t for t, b in promote.items() if b == 16}):
+        overrides[name] = [{"quant_type": QuantType.QInt16}]
+    extra = {
+        "ActivationSymmetric": symmetric,
+        "WeightSymmetric": True,
+        "UseQDQContribOps": spec.contrib_ops or any(b == 16 for b in promote.values()),
+        "TensorQuantOverrides": overrides,
+        # Keep Relu/Clip as nodes: the NPU compiler fuses them; removing them needs asymmetric ranges.
+        "QDQKeepRemovableActivations": True,
+    }
+    quantizer = QDQQuantizer(
+        model,
+        spec.per_channel_weights,
+        spec.reduce_range,
+        getattr(QuantType, spec.weight_type),
+        getattr(QuantType, spec.activation_type),
+        TensorsData(CalibrationMethod.MinMax, ranges),
+        None,
+        exclude,
+        op_types,
+        extra,
+    )
+    quantizer.quantize_model()
+    # The quantizer appends the graph-input Q/DQ pairs last; ONNX requires topological order.
+    quantizer.model.topological_sort()
+    quantized = quantizer.model.model
+    counts: dict[str, int] = {}
+    for node in quantized.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    won: dict[str, int] = {}
+    for entry in methods.values():
+        won[entry["method"]] = won.get(entry["method"], 0) + 1
+    info = {
+        "format": fmt.value,
+        "target": target.name,
+        "op_types_quantized": op_types,
+        "excluded_nodes": exclude,
+        "mask_path_nodes": sorted(mask_nodes),
+        "promoted_to_16_bits": sorted(t for t, b in promote.items() if b == 16),
+        "range_methods": dict(sorted(won.items())),
+        "op_histogram": dict(sorted(counts.items())),
+    }
+    return quantized, methods, info
