@@ -1,8 +1,8 @@
 """Deployment targets as data, in a registry: what each NPU (or the CPU) accepts, and how to run on it.
 
 quantize, inspect and package read a `Target` (`target.py`); none of them branches on a target's name.
-Adding a target is one module that calls `register_target` (see `ryzen_ai.py`, `cpu.py`), imported at the
-bottom of this file. Facts come from AMD's public Ryzen AI documentation (the project's NPU fact sheet)
+Adding a target is one module that calls `register_target` (`registry.py`; see `ryzen_ai.py`, `cpu.py`),
+imported here. Facts come from AMD's public Ryzen AI documentation (the project's NPU fact sheet)
 and the operator table `ryzenai_npu_ops.csv` (`optable.py`). `placement` predicts which nodes of a model a
 target runs (read by `pipeline.inspect`).
 
@@ -21,35 +21,9 @@ Decisions:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
-
+from . import cpu, ryzen_ai  # noqa: F401  (register the builtin targets)
 from .optable import npu_op_table
+from .registry import TARGETS, get_target, register_target
 from .target import CPU_EP, VITISAI_EP, Target, TargetError
 
 __all__ = ["Target", "TargetError", "TARGETS", "register_target", "get_target", "npu_op_table", "VITISAI_EP", "CPU_EP"]
-
-_REGISTRY: dict[str, Target] = {}
-TARGETS: Mapping[str, Target] = MappingProxyType(_REGISTRY)  # read-only view, kept current by register_target
-
-
-def register_target(target: Target) -> Target:
-    """Add a target; registering a name twice is a programming error."""
-    if target.name in _REGISTRY:
-        raise ValueError(f"target {target.name!r} is already registered")
-    _REGISTRY[target.name] = target
-    return target
-
-
-def get_target(name: str | Target) -> Target:
-    """The target called `name` (case-insensitive); raises TargetError listing the known ones."""
-    if isinstance(name, Target):
-        return name
-    key = str(name).strip().lower()
-    if key not in _REGISTRY:
-        known = ", ".join(f"{t.name} ({', '.join(t.chips)})" for t in _REGISTRY.values())
-        raise TargetError(f"unknown target {name!r}; known targets: {known}")
-    return _REGISTRY[key]
-
-
-from . import ryzen_ai, cpu  # noqa: E402,F401  (register the builtin targets)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from ..core.formats import Format
-from . import register_target
+from .registry import register_target
 from .target import CPU_EP, Target
 
 _FORMATS = (Format.U8S8, Format.A8W8, Format.A16W8, Format.A16W4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from ..core.formats import Format
-from . import register_target
+from .registry import register_target
 from .optable import npu_op_table
 from .target import Target
 

@@ -7,7 +7,7 @@ because one int4 scale per tensor leaves most channels with a handful of levels.
 
 from __future__ import annotations
 
-from . import Format, FormatSpec, register_format
+from .table import Format, FormatSpec, register_format
 
 Format.A16W4 = register_format(FormatSpec(
     "a16w4", "int16 symmetric activations, int4 symmetric per-channel weights (emulated only)", 16, 4,

@@ -9,7 +9,7 @@ weights; reduce_range keeps AVX2's u8s8 kernels from saturating (the peers' 52.8
 
 from __future__ import annotations
 
-from . import Format, FormatSpec, register_format
+from .table import Format, FormatSpec, register_format
 
 _I8, _U8, _I16 = frozenset({"int8"}), frozenset({"uint8"}), frozenset({"int16"})
 

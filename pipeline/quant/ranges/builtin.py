@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import RangeRequest, register_range_method
 from . import methods as M
+from .registry import RangeRequest, register_range_method
 
 
 @register_range_method("minmax")

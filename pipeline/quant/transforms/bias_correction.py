@@ -21,7 +21,7 @@ import onnx
 
 from ...core.editable import Editable
 from ..statistics import ChannelStats
-from . import Transform, TransformContext, downstream, register_transform
+from .base import Transform, TransformContext, downstream, register_transform
 from .smoothquant import weight_inputs
 
 __all__ = ["BiasCorrection", "dequantized_weights"]

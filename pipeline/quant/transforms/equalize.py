@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...core.editable import Editable
-from . import Transform, TransformConfig, TransformContext, register_transform
+from .base import Transform, TransformConfig, TransformContext, register_transform
 from .fold import NotFoldable, plan_fold
 from .smoothquant import SCALE_LIMITS, weight_inputs
 

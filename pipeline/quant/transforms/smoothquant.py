@@ -20,7 +20,7 @@ from pydantic import Field
 
 from ...core.editable import Editable
 from ..statistics import ChannelStats
-from . import Transform, TransformConfig, TransformContext, register_transform
+from .base import Transform, TransformConfig, TransformContext, register_transform
 from .fold import FoldPlan, NotFoldable, plan_fold
 
 __all__ = ["SmoothQuant", "weight_inputs", "SCALE_LIMITS"]
