@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import importlib.resources
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError
-from .recipe import ImageData, InputSpec, NpzData, Recipe, TextData
+from .recipe import BuilderData, ImageData, InputSpec, NpzData, Recipe, TextData
 
 __all__ = ["Batch", "DataSource", "open_dataset", "dataset_fingerprint"]
 
@@ -66,6 +67,8 @@ def open_dataset(recipe: Recipe, section: str, *, limit: int | None = None) -> D
     settings = getattr(recipe, section)
     limit = settings.samples if limit is None else limit
     data = settings.data
+    if isinstance(data, BuilderData):
+        return _builder_source(data, recipe, limit, section)
     path = recipe.resolve(data.path)
     if not path.exists():
         raise DataError(f"{section}.data.path: {path} does not exist (run 'make data' or fix the recipe path)")
@@ -85,12 +88,15 @@ def open_dataset(recipe: Recipe, section: str, *, limit: int | None = None) -> D
 def dataset_fingerprint(recipe: Recipe, section: str) -> dict:
     """The content a stage reads from the `section` data set, hashed, for its cache key.
 
-    A file: its sha256 (as the stages have always keyed it). An image folder: the names and content of its
+    A file: its sha256 (as the stages have always keyed it). A builder: its entry point, the sha256 of
+    its module's source file, its args and the sha256 of every file an arg names. An image folder: the names and content of its
     images, plus the labels CSV. A missing path: its name (the stage then fails on it with a clear error).
     """
     from .runner import sha256_file
 
     data = getattr(recipe, section).data
+    if isinstance(data, BuilderData):
+        return _builder_fingerprint(data, recipe)
     path = recipe.resolve(data.path)
     if not isinstance(data, ImageData):
         return {"data": sha256_file(path) if path.is_file() else str(path)}
@@ -217,3 +223,94 @@ def _text_source(path: Path, data: TextData, recipe: Recipe, limit: int, section
             }
 
     return DataSource(path.name, recipe.inputs, len(lines), batches)
+
+
+# ------------------------------------------------------------------------------ kind: builder
+# Samples made by trusted code named in the recipe (`module:function`, like model.builder). The function
+# returns an iterable of {input name: ndarray}, or (that iterable, labels). A sized iterable (with
+# __len__) gives its count up front; otherwise one pass counts it. A re-iterable result is iterated once
+# per pass over the data; a one-shot iterator (a generator) makes every pass call the function again.
+# Only one sample is held at a time.
+
+
+def _builder_args(data: BuilderData, recipe: Recipe) -> dict:
+    """The builder's args; a string naming an existing file (relative to the recipe) becomes its absolute path."""
+    def value(v):
+        path = recipe.resolve(Path(v)) if isinstance(v, str) and v else None
+        return str(path) if path is not None and path.exists() else v
+    return {key: value(v) for key, v in data.args.items()}
+
+
+def _call_builder(data: BuilderData, recipe: Recipe, section: str) -> tuple[object, np.ndarray | None]:
+    import importlib
+
+    where = f"{section}.data.builder"
+    module_name, _, func_name = data.builder.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise DataError(f"{where}: cannot import module '{module_name}' ({err})") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise DataError(f"{where}: module '{module_name}' has no function '{func_name}'")
+    result = func(**_builder_args(data, recipe))
+    labels = None
+    if isinstance(result, tuple) and len(result) == 2 and not isinstance(result[0], dict):
+        result, labels = result[0], np.asarray(result[1])
+    if not isinstance(result, Iterable) or isinstance(result, (dict, str, bytes, np.ndarray)):
+        raise DataError(f"{where}: {data.builder} returned {type(result).__name__}; it must return an iterable of "
+                        "{input name: ndarray} samples (or a pair: samples, labels)")
+    return result, labels
+
+
+def _builder_source(data: BuilderData, recipe: Recipe, limit: int, section: str) -> DataSource:
+    first, labels = _call_builder(data, recipe, section)
+    one_shot = isinstance(first, Iterator)
+    names = {spec.name for spec in recipe.inputs}
+
+    def samples() -> Iterator:
+        nonlocal first
+        if one_shot and first is None:  # a generator was used up by an earlier pass: make a fresh one
+            first = _call_builder(data, recipe, section)[0]
+        current, first = first, (None if one_shot else first)
+        return iter(current)
+
+    count = min(limit, len(first)) if isinstance(first, Sized) else sum(1 for _ in islice(samples(), limit))
+    if count == 0:
+        raise DataError(f"{section}.data: {data.builder} made no samples")
+    if labels is not None and (labels.ndim == 0 or len(labels) < count):
+        raise DataError(f"{section}.data: {data.builder} gave {labels.size} labels for {count} samples (one per sample)")
+
+    def batches() -> Iterator[Batch]:
+        for index, sample in enumerate(islice(samples(), count)):
+            if not isinstance(sample, dict):
+                raise DataError(f"{section}.data: {data.builder}, sample {index} is a {type(sample).__name__}, "
+                                "not a dict {input name: ndarray}")
+            unknown = sorted(set(sample) - names)
+            if unknown:
+                raise DataError(f"{section}.data: {data.builder}, sample {index}: {', '.join(map(str, unknown))} "
+                                f"are not model inputs ({', '.join(sorted(names))})")
+            yield {name: np.asarray(value) for name, value in sample.items()}
+
+    return DataSource(data.builder, recipe.inputs, count, batches, None if labels is None else labels[:count])
+
+
+def _builder_fingerprint(data: BuilderData, recipe: Recipe) -> dict:
+    import importlib.util
+
+    from .runner import sha256_file
+
+    module_name = data.builder.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        found = None  # the stage then fails on it with a clear error
+    source = Path(found.origin) if found is not None and found.origin else None
+    files = {key: sha256_file(Path(value)) for key, value in _builder_args(data, recipe).items()
+             if isinstance(value, str) and Path(value).is_file()}
+    return {
+        "builder": data.builder,
+        "source": sha256_file(source) if source is not None and source.is_file() else module_name,
+        "args": {key: data.args[key] for key in sorted(data.args)},
+        "files": files,
+    }

@@ -120,7 +120,24 @@ class ImageData(_Strict):
     labels: Path | None = None  # optional CSV "filename,label"
 
 
-Dataset = Annotated[Union[NpzData, TextData, ImageData], Field(discriminator="kind")]
+class BuilderData(_Strict):
+    """Samples made by trusted Python code, like `model.builder`: `builder(**args)` returns an iterable
+    of `{input name: ndarray of the input's declared shape}` (sized, or counted by one pass), or a
+    pair (samples, labels). See `pipeline.data`."""
+
+    kind: Literal["builder"]
+    builder: str
+    args: dict[str, Union[str, int, float, bool]] = Field(default_factory=dict)
+
+    @field_validator("builder")
+    @classmethod
+    def _entry_point(cls, value: str) -> str:
+        if value.count(":") != 1 or not all(value.partition(":")[::2]):
+            raise ValueError(f"builder {value!r} must look like 'package.module:function'")
+        return value
+
+
+Dataset = Annotated[Union[NpzData, TextData, ImageData, BuilderData], Field(discriminator="kind")]
 
 
 class ExportSettings(_Strict):
@@ -269,7 +286,12 @@ class Recipe(_Strict):
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in {"npz", "text", "images"}))
+        # pydantic puts the data kind's tag after `data` in the path (calibration.data.npz.path): drop it.
+        parts = e["loc"]
+        loc = ".".join(
+            str(p) for i, p in enumerate(parts)
+            if not (i and parts[i - 1] == "data" and p in {"npz", "text", "images", "builder"})
+        )
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (remove it, or check its spelling against the README's recipe reference)"
