@@ -65,6 +65,7 @@ __all__ = [
     "crops",
     "example_input",
     "load_photo",
+    "photo_size",
     "normalise",
 ]
 
@@ -145,7 +146,7 @@ def load_photo(name: str):
 
 
 @lru_cache(maxsize=None)
-def _photo_size(name: str) -> tuple[int, int]:
+def photo_size(name: str) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels."""
     import io
 
@@ -187,7 +188,7 @@ def crops(split: str) -> list[Crop]:
     """Every crop of the split, in sample order (variant-major, photo-minor)."""
     photos = _split_photos(split)
     return [
-        Crop(name, s, p, f, _box(*_photo_size(name), SCALES[s], POSITIONS[p]))
+        Crop(name, s, p, f, _box(*photo_size(name), SCALES[s], POSITIONS[p]))
         for p, s, f in VARIANTS
         for name in photos
     ]
