@@ -3,6 +3,7 @@
 Stages never know where data came from. Every source is streamed one model batch at a time, so memory
 does not grow with the number of samples, and every sample is checked against the recipe's input specs
 (names, shapes, dtypes, finite values) with an error that names the file, the sample and the tensor.
+Kinds: npz, text, images (`pipeline.images`), and builder (samples made by trusted code, see the end).
 """
 
 from __future__ import annotations
