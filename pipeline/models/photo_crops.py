@@ -30,8 +30,9 @@ calibration 6 x 72 = 432 crops, validation 5 x 72 = 360 crops.
 
 Order: variant-major, photo-minor (variant 0 of every photo, then variant 1, ...), with variants in
 position, scale, flip order, so any prefix covers every photo of the split: the first 200 calibration
-samples hold the centre and corner crops of all 6 photos at every scale (the held-out split of the
-fallback then starts at sample 200).
+samples (the recipes' statistics) are the centre, top-left, top-right and bottom-left crops of all 6
+photos at every scale, both flips (192), and 8 bottom-right ones; the fallback's held-out split, when
+enabled, starts at sample 200.
 
 Normalisation: RGB / 255, minus ImageNet mean (0.485, 0.456, 0.406), divided by std (0.229, 0.224,
 0.225), float32 NCHW [1, 3, 224, 224].
