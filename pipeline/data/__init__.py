@@ -3,7 +3,7 @@
 Stages never know where data came from. Every source is streamed one model batch at a time, so memory
 does not grow with the number of samples, and every sample is checked against the recipe's input specs
 (names, shapes, dtypes, finite values) with an error that names the file, the sample and the tensor.
-Data kinds (`npz`, `text`, `images`) are a registry (`base.register_data_kind`): one module each.
+Data kinds (`npz`, `text`, `images`, `builder`) are a registry (`base.register_data_kind`): one module each.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ def open_dataset(recipe, section: str, *, limit: int | None = None) -> DataSourc
     """The recipe's `calibration` or `validation` data as a `DataSource` of at most `limit` batches."""
     data = getattr(recipe, section).data
     ctx = _context(recipe, section, limit)
-    path = ctx.resolve(data.path)
-    if not path.exists():
-        raise DataError(f"{section}.data.path: {path} does not exist (run 'make data' or fix the recipe path)")
+    if hasattr(data, "path"):  # file kinds (a builder makes its samples in code)
+        path = ctx.resolve(data.path)
+        if not path.exists():
+            raise DataError(f"{section}.data.path: {path} does not exist (run 'make data' or fix the recipe path)")
     return data_kinds()[data.kind].open(data, ctx)
 
 
@@ -55,4 +56,4 @@ def dataset_schemas() -> tuple[type, ...]:
     return tuple(kind.schema for kind in data_kinds().values())
 
 
-from . import npz, text, images  # noqa: E402,F401  (register the builtin data kinds)
+from . import npz, text, images, builder  # noqa: E402,F401,I001  (register the builtin data kinds, in this order)
