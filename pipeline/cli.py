@@ -270,6 +270,36 @@ def parity(
 
 
 @app.command()
+@_user_errors
+def compare(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    formats: str = typer.Option("xint8,a8w8,a16w8,bf16", "--formats", help="Comma-separated formats."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="Comma-separated targets (default: the recipe's)."),
+    bar: Optional[str] = typer.Option(None, "--bar", help="METRIC>=VALUE or METRIC<=VALUE (default: the recipe's gates)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder of the variants' runs (default: build/<name>-compare)."),
+    force: bool = typer.Option(False, "--force", help="Rerun every stage of every variant."),
+    runs: int = typer.Option(30, "--runs", help="Timed CPU runs per variant (p50)."),
+) -> None:
+    """Run RECIPE in several formats (shared cache); accuracy against cost, and the cheapest meeting the bar."""
+    from .errors import GateError
+    from .tools.compare import compare as run_compare
+
+    def progress(variant) -> None:
+        cached = sum(variant.stages.values())
+        typer.echo(f"  {variant.label}: {variant.status} ({variant.seconds:.1f} s"
+                   + (f", {cached}/{len(variant.stages)} stages cached)" if variant.stages else ")"), err=True)
+
+    result = run_compare(recipe, formats=formats.split(","), targets=(targets or "").split(","), out=out, bar=bar,
+                         force=force, runs=runs, on_variant=progress)
+    typer.echo(result.table())
+    typer.echo(f"\n{result.summary()}\n{len(result.variants)} variants in {result.seconds:.1f} s")
+    for path in result.write():
+        typer.echo(f"written: {path}")
+    if result.bar is not None and result.chosen is None:
+        raise GateError(f"compare: no variant of {recipe} meets the bar ({result.bar}); see {result.out / 'compare.html'}")
+
+
+@app.command()
 def recipes() -> None:
     """List the shipped recipes."""
     from .recipe import load_recipe
