@@ -206,7 +206,10 @@ def bench(
 
 def _spawn(art: Artifact, role: str, ep: str, job: dict) -> BenchRow:
     cmd = [sys.executable, "-m", "pipeline.tools.latency", "--child", json.dumps(job)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # The child imports this very copy of the package, wherever it was imported from.
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
         reason = (result.stderr.strip().splitlines() or ["no output"])[-1]

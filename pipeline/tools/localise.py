@@ -178,8 +178,9 @@ def localise(ref_bytes: bytes, model_bytes: bytes, providers: list, batches: lis
         how = (f"all {len(cands)} {kind} exposed at once on the {len(batches)} worst samples; the EP's outputs "
                "stayed bit-identical to the plain run (fusion kept)")
         if first is None:
-            within = f"more than {tolerance.lsb} LSB" if cands[0].integer else f"below {tolerance.min_sqnr_db:g} dB SQNR"
-            return None, f"{how}; none differs by {within}", profile
+            within = (f"none differs by more than {tolerance.lsb} LSB" if cands[0].integer
+                      else f"none has an SQNR below {tolerance.min_sqnr_db:g} dB")
+            return None, f"{how}; {within}", profile
         return _divergence(first, full.stats[first.tensor], tolerance), how, profile
     # Exposing everything changed what the EP computes: one candidate at a time, bisecting.
     order = list(cands)

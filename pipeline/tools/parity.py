@@ -203,7 +203,9 @@ def parity(
             if o.top1_agreement < tolerance.min_top1_agreement:
                 o.failures.append(f"top-1 agreement {o.top1_agreement:.2f}% < {tolerance.min_top1_agreement:g}%")
         outputs.append(o)
-    ep_run = "full graph optimizations: fused int8 kernels" if ep == CPU else "the artifact's EP options, CPU for the rest"
+    quantized = any(n.op_type == "QuantizeLinear" for n in _graph_nodes(model_bytes))
+    ep_run = ("the artifact's EP options, CPU for the rest" if ep != CPU else
+              "full graph optimizations: fused int8 kernels" if quantized else "full graph optimizations, float32")
     result = ParityResult(art.name, ep, reference, ep_run, len(sample_error), outputs, int8_dot_product(), tolerance)
     if localize == "always" or (localize == "auto" and not result.passed):
         worst = sorted(np.argsort(-np.asarray(sample_error), kind="stable")[:LOCALISATION_SAMPLES].tolist())
@@ -213,6 +215,12 @@ def parity(
     elif result.passed:
         result.localisation = "not needed: every output is within tolerance (--localize always to profile anyway)"
     return result
+
+
+def _graph_nodes(model_bytes: bytes):
+    import onnx
+
+    return onnx.ModelProto.FromString(model_bytes).graph.node
 
 
 def _task(art: Artifact, recipe: Path | None, has_labels: bool, names: Sequence[str]) -> tuple[str, str]:
