@@ -82,7 +82,7 @@ class BenchResult:
             f = r.figures
             rows.append((r.artifact, r.model, _short(r.ep), f"{f['create_ms']:.1f}", f"{f['first_run_ms']:.3f}",
                          f"{f['p50_ms']:.3f}", f"{f['p90_ms']:.3f}", f"{f['p99_ms']:.3f}", f"{f['samples_per_s']:.0f}",
-                         f"{f['peak_rss_mib']:.0f}", _placement(f)))
+                         _mib(f["peak_rss_mib"]), _placement(f)))
         return format_table(header, rows)
 
     def to_json(self) -> dict:
@@ -114,6 +114,10 @@ class BenchResult:
         return [out / "bench.json", out / "bench.html"]
 
 
+def _mib(value: float | None) -> str:
+    return "not measured (no /proc)" if value is None else f"{value:.0f}"
+
+
 def _short(ep: str) -> str:
     return ep.removesuffix("ExecutionProvider")
 
@@ -132,7 +136,7 @@ def _html_figures(row: BenchRow) -> tuple:
         return ("",) * 7
     f = row.figures
     return (f"{f['create_ms']:.1f}", f"{f['p50_ms']:.3f}", f"{f['p90_ms']:.3f}", f"{f['p99_ms']:.3f}",
-            f"{f['samples_per_s']:.0f}", f"{f['peak_rss_mib']:.0f}", _placement(f))
+            f"{f['samples_per_s']:.0f}", _mib(f["peak_rss_mib"]), _placement(f))
 
 
 def resolve_eps(names: Sequence[str]) -> list[str]:

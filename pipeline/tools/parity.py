@@ -28,18 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, GateError
+from ..errors import DataError, ParityError
 from .common import CPU, Artifact, ep_session, int8_dot_product, open_artifact, open_samples, providers_for
 from .localise import Divergence, localise
 
 __all__ = ["Tolerance", "ParityError", "ParityResult", "Divergence", "parity"]
 
 LOCALISATION_SAMPLES = 16
-
-
-class ParityError(GateError):
-    """The EP's outputs miss the parity tolerance. A gate like the recipe's (exit 4): the artifact is
-    fine as the NPU computes it, this EP computes something else."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +95,7 @@ class ParityResult:
         rows = []
         for o in self.outputs:
             acc = (f"{o.accuracy_reference:.2f} / {o.accuracy_ep:.2f}" if o.accuracy_reference is not None else "-")
-            rows.append((o.name, f"{o.sqnr_db:.2f}", f"{o.max_abs:.4g} ({100 * o.rel_error:.2f}%)",
+            rows.append((o.name, "identical" if o.max_abs == 0 else f"{o.sqnr_db:.2f}", f"{o.max_abs:.4g} ({100 * o.rel_error:.2f}%)",
                          "-" if o.top1_agreement is None else f"{o.top1_agreement:.2f}", acc,
                          "pass" if o.passed else "FAIL: " + "; ".join(o.failures)))
         out.append(format_table(("output", "SQNR dB", "max |diff| (of range)", "top-1 agreement %",
