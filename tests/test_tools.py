@@ -50,12 +50,12 @@ def _host_has_vnni() -> bool:
 
 @pytest.fixture(scope="session")
 def compared(tmp_path_factory):
-    """(out folder, seconds, stdout) of a cold `compare` of the digits recipe in four formats."""
+    """(out folder, seconds, stdout, compare.json) of a cold `compare` of the digits recipe in four formats."""
     out = tmp_path_factory.mktemp("compare")
     start = time.perf_counter()
     code, stdout, stderr = _cli("compare", RECIPE, "--formats", ",".join(FORMATS), "--out", out, "--runs", "20")
     assert code == 0, stdout + stderr
-    return out, time.perf_counter() - start, stdout
+    return out, time.perf_counter() - start, stdout, json.loads((out / "compare.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -88,8 +88,7 @@ def _tree(folder: Path) -> dict[str, str]:
 
 
 def test_compare_runs_each_format_and_picks_the_cheapest_meeting_the_gates(compared):
-    out, seconds, stdout = compared
-    report = json.loads((out / "compare.json").read_text())
+    out, seconds, stdout, report = compared
     variants = {v["format"]: v for v in report["variants"]}
     assert set(variants) == set(FORMATS)
     for fmt, v in variants.items():
@@ -115,7 +114,7 @@ def test_compare_runs_each_format_and_picks_the_cheapest_meeting_the_gates(compa
 
 
 def test_compare_rerun_reports_every_stage_cached(compared):
-    out, cold, _ = compared
+    out, cold, _, _ = compared
     start = time.perf_counter()
     code, stdout, stderr = _cli("compare", RECIPE, "--formats", ",".join(FORMATS), "--out", out, "--runs", "20",
                                 "--bar", "top1_agreement>=99.5")
