@@ -236,8 +236,17 @@ def _status_kib(field_name: str) -> int | None:
 
 def _measure(job: dict) -> dict:
     """Runs in the child: everything is imported and the feeds built before anything is timed."""
+    import shutil
     import tempfile
 
+    scratch = Path(tempfile.mkdtemp(prefix="npu-bench-"))  # VitisAI cache, profile: never in the artifact
+    try:
+        return _measure_in(job, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _measure_in(job: dict, scratch: Path) -> dict:
     import numpy as np
     import onnxruntime as ort
 
@@ -254,7 +263,6 @@ def _measure(job: dict) -> dict:
         feeds = read_inputs(Path(job["inputs"]), job["signature"])
     else:
         feeds = random_feeds(job["signature"], seed=int(job["seed"]))
-    scratch = Path(tempfile.mkdtemp(prefix="npu-bench-"))
     providers = providers_for(job["ep"], art, cache_dir=scratch / "vitisai_cache")
     options = session_options(threads=threads, cores=cores)
     rss_before = _status_kib("VmRSS")

@@ -161,11 +161,15 @@ def parity(
     if localize not in ("auto", "always", "never"):
         raise DataError(f"--localize: '{localize}' is not one of auto, always, never")
     art = open_artifact(Path(artifact))
-    model_path = art.models.get("quantized", next(iter(art.models.values())))
     source = open_samples(art, recipe=recipe, data=data, labels=labels, limit=samples)
+    with tempfile.TemporaryDirectory(prefix="npu-parity-") as scratch:  # the VitisAI cache: never in the artifact
+        providers = providers_for(ep, art, cache_dir=Path(scratch) / "vitisai_cache")
+        return _parity(art, ep, providers, source, recipe, labels, tolerance, localize)
+
+
+def _parity(art: Artifact, ep: str, providers: list, source, recipe, labels, tolerance: Tolerance, localize: str):
+    model_path = art.models.get("quantized", next(iter(art.models.values())))
     ref_bytes, reference = _reference_bytes(art, model_path)
-    scratch = Path(tempfile.mkdtemp(prefix="npu-parity-"))  # the VitisAI cache: never inside the artifact
-    providers = providers_for(ep, art, cache_dir=scratch / "vitisai_cache")
     model_bytes = model_path.read_bytes()
     ref = ep_session(ref_bytes, [CPU], optimize=False)
     run = ep_session(model_bytes, providers, optimize=True)
