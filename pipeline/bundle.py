@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ArtifactError, DataError
 
-__all__ = ["load_manifest", "verify_bundle", "infer_bundle", "VerifyResult", "VITISAI"]
+__all__ = ["load_manifest", "verify_bundle", "infer_bundle", "read_inputs", "vitisai_options", "VerifyResult", "VITISAI"]
 
 VITISAI = "VitisAIExecutionProvider"
 
@@ -57,7 +57,7 @@ def verify_bundle(bundle: Path) -> VerifyResult:
     return VerifyResult(len(manifest.get("files", {})), inspection)
 
 
-def _read_inputs(path: Path, signature: list[dict]) -> dict[str, np.ndarray]:
+def read_inputs(path: Path, signature: list[dict]) -> dict[str, np.ndarray]:
     try:
         archive = np.load(path, allow_pickle=False)
         arrays = {k: archive[k] for k in archive.files}
@@ -78,6 +78,17 @@ def _read_inputs(path: Path, signature: list[dict]) -> dict[str, np.ndarray]:
     return feeds
 
 
+def vitisai_options(bundle: Path, *, cache_dir: Path | None = None) -> dict[str, str]:
+    """The bundle's VitisAI EP options with its paths made absolute; `cache_dir` moves the compile cache
+    (tools that must not write into the bundle, whose files `verify` hashes, put it elsewhere)."""
+    bundle = Path(bundle)
+    options = json.loads((bundle / "vitisai_ep.json").read_text())
+    if "config_file" in options:
+        options["config_file"] = str(bundle / options["config_file"])
+    options["cache_dir"] = str(cache_dir if cache_dir is not None else bundle / options.get("cache_dir", "vitisai_cache"))
+    return options
+
+
 def infer_bundle(bundle: Path, inputs: Path, *, npu_numerics: bool = False) -> tuple[dict[str, np.ndarray], str]:
     """Run the bundle's model on the arrays of `inputs`; returns (outputs by name, provider used)."""
     import onnxruntime as ort
@@ -86,14 +97,10 @@ def infer_bundle(bundle: Path, inputs: Path, *, npu_numerics: bool = False) -> t
 
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
-    feeds = _read_inputs(Path(inputs), manifest["signature"]["inputs"])
+    feeds = read_inputs(Path(inputs), manifest["signature"]["inputs"])
     model = bundle / "model.onnx"
     if VITISAI in ort.get_available_providers() and manifest["target"] != "cpu":
-        options = json.loads((bundle / "vitisai_ep.json").read_text())
-        if "config_file" in options:
-            options["config_file"] = str(bundle / options["config_file"])
-        options["cache_dir"] = str(bundle / options.get("cache_dir", "vitisai_cache"))
-        session = ort.InferenceSession(str(model), providers=[(VITISAI, options), "CPUExecutionProvider"])
+        session = ort.InferenceSession(str(model), providers=[(VITISAI, vitisai_options(bundle)), "CPUExecutionProvider"])
         provider = VITISAI
     elif npu_numerics and manifest["format"] == "bf16":
         from .quant.bf16 import emulate_bf16

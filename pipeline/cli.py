@@ -209,6 +209,98 @@ def batch(
 
 
 @app.command()
+@_user_errors
+def bench(
+    artifacts: list[Path] = typer.Argument(..., help="Artifact folders (or .onnx files)."),
+    ep: list[str] = typer.Option(["all"], "--ep", help="all, or EP names (cpu, vitisai, ...); repeatable."),
+    runs: int = typer.Option(200, "--runs", "-n", help="Timed runs per model and EP."),
+    warmup: int = typer.Option(20, "--warmup", help="Runs before timing, not counted."),
+    threads: int = typer.Option(0, "--threads", help="Intra-op threads, pinned (default: every usable core)."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help=".npz with one array per model input (default: random)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for bench.json and bench.html (default: <artifact>/../bench)."),
+) -> None:
+    """Latency p50/p90/p99, throughput, session creation time and peak RSS per model and execution provider."""
+    from .tools.common import default_out
+    from .tools.latency import bench as run_bench
+
+    def progress(row) -> None:
+        typer.echo(f"  {row.artifact} {row.model} on {row.ep}: "
+                   + (f"p50 {row.figures['p50_ms']:.3f} ms" if row.measured else row.status), err=True)
+
+    result = run_bench(artifacts, eps=ep, runs=runs, warmup=warmup, threads=threads, inputs=input, on_row=progress)
+    typer.echo(result.table())
+    s = result.settings
+    typer.echo(f"\n{s['runs']} runs after {s['warmup']} warm-up, {s['threads']} intra-op thread(s) pinned, 1 inter-op; "
+               f"inputs: {s['inputs']}")
+    if result.overhead_pct is not None:
+        typer.echo(f"harness overhead: at most {result.overhead_pct:.3f}% of the mean latency")
+    for line in result.not_measured():
+        typer.echo(f"not measured: {line}")
+    for path in result.write(out or default_out(artifacts[0], "bench")):
+        typer.echo(f"written: {path}")
+
+
+@app.command()
+@_user_errors
+def parity(
+    artifact: Path = typer.Argument(..., help="An artifact folder (or a QDQ .onnx file)."),
+    ep: str = typer.Option(..., "--ep", help="The execution provider to judge (cpu, vitisai, ...)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Judge on this recipe's validation set."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Or on this .npz (sample axis first, one array per input)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="The label array in --data (adds accuracy)."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="At most this many samples."),
+    min_sqnr: float = typer.Option(30.0, "--min-sqnr", help="Tolerance: SQNR of each output, dB."),
+    max_rel_error: float = typer.Option(0.05, "--max-rel-error", help="Tolerance: max |diff| / output range."),
+    min_agreement: float = typer.Option(99.0, "--min-agreement", help="Tolerance: top-1 agreement of a classifier, %."),
+    lsb: int = typer.Option(1, "--lsb", help="Integer intermediates: more LSBs apart than this is a divergence."),
+    localize: str = typer.Option("auto", "--localize", help="auto (when parity fails), always, never."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+) -> None:
+    """An EP's outputs against the emulated NPU numerics; on failure, the first node that diverges (exit 4)."""
+    from .runner import atomic_write, dump_json
+    from .tools.parity import Tolerance, parity as run_parity
+
+    tolerance = Tolerance(min_sqnr_db=min_sqnr, max_rel_error=max_rel_error, min_top1_agreement=min_agreement, lsb=lsb)
+    result = run_parity(artifact, ep, recipe=recipe, data=data, labels=labels, samples=samples, tolerance=tolerance,
+                        localize=localize)
+    typer.echo("\n".join(result.lines()))
+    if json_out is not None:
+        atomic_write(json_out, dump_json(result.to_json()))
+        typer.echo(f"written: {json_out}")
+    result.raise_for_failure()
+
+
+@app.command()
+@_user_errors
+def compare(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    formats: str = typer.Option("xint8,a8w8,a16w8,bf16", "--formats", help="Comma-separated formats."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="Comma-separated targets (default: the recipe's)."),
+    bar: Optional[str] = typer.Option(None, "--bar", help="METRIC>=VALUE or METRIC<=VALUE (default: the recipe's gates)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder of the variants' runs (default: build/<name>-compare)."),
+    force: bool = typer.Option(False, "--force", help="Rerun every stage of every variant."),
+    runs: int = typer.Option(30, "--runs", help="Timed CPU runs per variant (p50)."),
+) -> None:
+    """Run RECIPE in several formats (shared cache); accuracy against cost, and the cheapest meeting the bar."""
+    from .errors import GateError
+    from .tools.compare import compare as run_compare
+
+    def progress(variant) -> None:
+        cached = sum(variant.stages.values())
+        typer.echo(f"  {variant.label}: {variant.status} ({variant.seconds:.1f} s"
+                   + (f", {cached}/{len(variant.stages)} stages cached)" if variant.stages else ")"), err=True)
+
+    result = run_compare(recipe, formats=formats.split(","), targets=(targets or "").split(","), out=out, bar=bar,
+                         force=force, runs=runs, on_variant=progress)
+    typer.echo(result.table())
+    typer.echo(f"\n{result.summary()}\n{len(result.variants)} variants in {result.seconds:.1f} s")
+    for path in result.write():
+        typer.echo(f"written: {path}")
+    if result.bar is not None and result.chosen is None:
+        raise GateError(f"compare: no variant of {recipe} meets the bar ({result.bar}); see {result.out / 'compare.html'}")
+
+
+@app.command()
 def recipes() -> None:
     """List the shipped recipes."""
     from .recipe import load_recipe

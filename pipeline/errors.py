@@ -14,6 +14,7 @@ __all__ = [
     "StageError",
     "ReadinessError",
     "GateError",
+    "ParityError",
     "ArtifactError",
 ]
 
@@ -58,6 +59,12 @@ class GateError(PipelineError):
     """An accuracy gate of the recipe failed. The report is written before this is raised."""
 
     exit_code = 4
+
+
+class ParityError(GateError):
+    """An execution provider's outputs miss the parity tolerance against the emulated NPU numerics
+    (`npu-pipeline parity`). A gate like the recipe's, with its exit code: the artifact is sound as the
+    NPU computes it, this EP computes something else, so CI treats it as a failed accuracy check."""
 
 
 class ArtifactError(PipelineError):
