@@ -1,4 +1,15 @@
-"""Accuracy gates: the recipe's thresholds checked against the validate stage's metrics."""
+"""Accuracy gates: the recipe's thresholds, and the default ones, checked against the validate stage's metrics.
+
+A recipe gate reads one metric of one output (`output:`; default: the task output). A metric the output's
+task reports but the data could not give (no box detected by the float model, no confident position)
+fails its gate with the reason, never passes silently. A metric the output cannot report at all is a
+recipe error (exit 2).
+
+Default gate: every float output must have no dead channel (a channel the quantized model holds constant
+while the float one varies: a detector's class scores rounded to 0 next to its box coordinates). It fails
+the run (exit 4) unless the recipe waives it with a reason (`validation.allow_dead_channels`, or
+`validation.outputs.<output>.allow_dead_channels`).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +19,24 @@ from .core.tasks import gate_holds
 from .errors import GateError, RecipeError
 from .recipe import Gate
 
-__all__ = ["GateResult", "evaluate_gates", "raise_for_failures"]
+__all__ = ["GateResult", "evaluate_gates", "dead_channel_gates", "raise_for_failures"]
+
+_DEAD_FIX = ("the tensor feeding this output mixes ranges (e.g. a Concat of box coordinates and scores): keep "
+             "the range guard on (quantization.range_guard), exclude the node that mixes them "
+             "(quantization.exclude_nodes), or, if these channels do not matter, waive the check with "
+             "validation.outputs.{output}.allow_dead_channels: <reason>")
 
 
 @dataclass(frozen=True)
 class GateResult:
     metric: str
-    value: float
+    value: float | None
     min: float | None
     max: float | None
     passed: bool
+    output: str | None = None  # the output whose metric it reads (None in results of older runs)
+    note: str = ""  # why a value is missing, what a default gate found, or the reason it was waived
+    default: bool = False  # a gate the pipeline applies unless the recipe waives it (dead channels)
 
     def describe(self) -> str:
         bounds = " and ".join(
@@ -26,25 +45,72 @@ class GateResult:
                 f"<= {self.max:g}" if self.max is not None else "",
             ) if part
         )
-        return f"{self.metric} = {self.value:.4g} (needs {bounds})"
+        where = f" of output '{self.output}'" if self.output else ""
+        value = f"{self.value:.4g}" if self.value is not None else "not measured"
+        text = f"{self.metric}{where} = {value} (needs {bounds})"
+        return f"{text}: {self.note}" if self.note and not self.passed else text
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def evaluate_gates(gates: list[Gate], metrics: dict) -> list[GateResult]:
+def _output_metrics(metrics: dict, output: str | None, where: str) -> tuple[str, dict]:
+    outputs = metrics.get("outputs") or {}
+    name = output or metrics.get("task_output")
+    if name not in outputs:
+        raise RecipeError(f"{where}: the model has no output '{name}' (its outputs: {', '.join(outputs)})")
+    return name, outputs[name]
+
+
+def evaluate_gates(gates: list[Gate], metrics: dict, *, validation=None) -> list[GateResult]:
+    """The recipe's gates, then the default dead-channel gates (`validation`: the recipe's section, for
+    the waivers)."""
     results = []
     for index, gate in enumerate(gates):
-        if gate.metric not in metrics:
-            available = ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, (int, float))))
+        name, measured = _output_metrics(metrics, gate.output, f"gates[{index}].output")
+        missing = measured.get("not_measured", {})
+        if gate.metric in missing:
+            results.append(GateResult(gate.metric, None, gate.min, gate.max, False, name, missing[gate.metric]))
+            continue
+        if gate.metric not in measured:
+            available = ", ".join(sorted(k for k, v in measured.items()
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool)))
+            task = measured.get("task") or "none"
             raise RecipeError(
-                f"gates[{index}].metric: '{gate.metric}' is not measured for this task "
-                f"(available: {available})"
+                f"gates[{index}].metric: '{gate.metric}' is not measured for output '{name}' (task {task}, "
+                f"{measured.get('dtype', '?')}; available: {available})"
             )
-        value = float(metrics[gate.metric])
-        passed = gate_holds(value, gate.min, gate.max)
-        results.append(GateResult(gate.metric, value, gate.min, gate.max, passed))
+        value = float(measured[gate.metric])
+        results.append(GateResult(gate.metric, value, gate.min, gate.max, gate_holds(value, gate.min, gate.max), name))
+    return results + dead_channel_gates(metrics, validation)
+
+
+def dead_channel_gates(metrics: dict, validation=None) -> list[GateResult]:
+    """One default gate per float output with channels: no dead channel, unless waived with a reason."""
+    results = []
+    for name, measured in (metrics.get("outputs") or {}).items():
+        if "dead_channels" not in measured:
+            continue
+        dead = int(measured["dead_channels"])
+        waiver = _waiver(validation, name)
+        if dead == 0:
+            results.append(GateResult("dead_channels", 0.0, None, 0.0, True, name, default=True))
+            continue
+        found = (f"{dead} of {measured['channels']} channels on axis {measured['channel_axis']} "
+                 f"({measured['dead_channel_list']}) quantized to a constant while the float ones vary "
+                 f"(worst channel SQNR {measured['sqnr_db_worst_channel']:.1f} dB)")
+        note = f"{found}; waived: {waiver}" if waiver else f"{found}; fix: {_DEAD_FIX.format(output=name)}"
+        results.append(GateResult("dead_channels", float(dead), None, 0.0, bool(waiver), name, note, default=True))
     return results
+
+
+def _waiver(validation, output: str) -> str | None:
+    if validation is None:
+        return None
+    declared = validation.outputs.get(output)
+    if declared is not None and declared.allow_dead_channels:
+        return declared.allow_dead_channels
+    return validation.allow_dead_channels
 
 
 def raise_for_failures(recipe_name: str, results: list[GateResult], report: str) -> None:

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, fi
 
 from .core.formats import Format
 from .core.schema import StrictModel as _Strict
+from .core.tasks import known_metrics, task_kinds, task_schemas
 from .data import data_kinds, dataset_schemas
 from .errors import RecipeError
 from .quant.ranges import range_methods
@@ -32,6 +33,8 @@ __all__ = [
     "CalibMethod",
     "TransformStep",
     "Gate",
+    "ValidationSettings",
+    "check_gates_measurable",
     "load_recipe",
     "recipe_from_dict",
 ]
@@ -91,12 +94,61 @@ class CalibrationSettings(_Strict):
     percentile: Annotated[float, Field(gt=50, le=100)] = 99.999
 
 
+def _known_task(name: str) -> str:
+    if name not in task_kinds():
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(task_kinds())}")
+    return name
+
+
+# Per-output validation settings: one schema per registered task (`pipeline.core.tasks`), told apart by `task`.
+OutputTask = Annotated[Union[task_schemas()], Field(discriminator="task")]
+
+
 class ValidationSettings(_Strict):
+    """How the quantized model is judged against the float one, per output (README: Validation)."""
+
     data: Dataset
     samples: Annotated[int, Field(ge=1)] = 200
-    task: Literal["classification", "embedding", "regression"] = "classification"
-    # Which model output the task metrics read (default: the first output).
+    # Task of the task output (the output gates without `output:` read). Legacy spelling of
+    # `outputs: {<output>: {task: ...}}`; kept so old recipes keep their metric names and gates.
+    task: Annotated[str, AfterValidator(_known_task)] = "classification"
+    # Which model output is the task output (default: the model's first when `task` is given, else the
+    # first of `outputs`, else the model's first).
     output: str | None = None
+    # Per output: its task and the task's settings. Outputs not named get the generic metrics of their
+    # dtype (SQNR, worst channel, dead channels; exact agreement for integer outputs).
+    outputs: dict[str, OutputTask] = Field(default_factory=dict)
+    # A reason: waives the default dead-channel gate for every output (per output: allow_dead_channels).
+    allow_dead_channels: str | None = Field(default=None, min_length=3)
+
+    @model_validator(mode="after")
+    def _one_task_per_output(self) -> "ValidationSettings":
+        name = self.task_output_name()
+        declared = self.outputs.get(name) if name is not None else None
+        if declared is not None and "task" in self.model_fields_set and declared.task != self.task:
+            raise ValueError(f"task '{self.task}' and outputs.{name}.task '{declared.task}' disagree "
+                             f"(give the task once, in outputs.{name})")
+        return self
+
+    def task_output_name(self) -> str | None:
+        """The task output's name when the recipe says it (None: the model's first output)."""
+        if self.output is not None or "task" in self.model_fields_set:
+            return self.output
+        return next(iter(self.outputs), None)
+
+    def plan_arguments(self) -> dict:
+        """What `pipeline.core.tasks.plan_outputs` needs besides the model's output names."""
+        return {"declared": dict(self.outputs), "output": self.task_output_name(), "task": self.task,
+                "task_given": "task" in self.model_fields_set}
+
+    def task_of(self, output: str | None) -> str | None:
+        """The task of `output` (None: the task output) when the recipe alone says it; None if unknown."""
+        task_output = self.task_output_name()
+        if output is None or output == task_output:
+            declared = self.outputs.get(task_output) if task_output is not None else None
+            return declared.task if declared is not None else self.task
+        declared = self.outputs.get(output)
+        return declared.task if declared is not None else None
 
 
 class FallbackSettings(_Strict):
@@ -205,30 +257,47 @@ class QuantizationSettings(_Strict):
         return steps
 
 
-Metric = Literal[
-    "accuracy",
-    "accuracy_drop",
-    "top1_agreement",
-    "cosine_mean",
-    "cosine_min",
-    "nn_agreement",
-    "sqnr_db",
-    "max_abs_error",
-]
+def _known_metric(name: str) -> str:
+    if name not in known_metrics():
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(sorted(known_metrics()))}")
+    return name
+
+
+# A metric some output can report: the generic ones of every output and those of the registered tasks.
+Metric = Annotated[str, AfterValidator(_known_metric)]
 
 
 class Gate(_Strict):
-    """A threshold on one validation metric: `min` and/or `max`. `accuracy_drop` is in points (pt)."""
+    """A threshold on one validation metric of one output: `min` and/or `max`. `accuracy_drop` is in points
+    (pt). `output`: the model output whose metric is read (default: the task output)."""
 
     metric: Metric
     min: float | None = None
     max: float | None = None
+    output: str | None = None
 
     @model_validator(mode="after")
     def _has_bound(self) -> "Gate":
         if self.min is None and self.max is None:
             raise ValueError(f"gate on {self.metric!r} needs 'min' or 'max'")
         return self
+
+
+def check_gates_measurable(gates: list[Gate], validation: ValidationSettings) -> list[str]:
+    """Gates whose metric the output's task cannot report, as messages (empty: all measurable). An output
+    the recipe does not describe is checked against the model's outputs when the model is known."""
+    problems = []
+    for index, gate in enumerate(gates):
+        task = validation.task_of(gate.output)
+        if task is None and gate.output is not None and gate.output in validation.outputs:
+            task = validation.outputs[gate.output].task
+        if task is None:
+            continue
+        if gate.metric not in known_metrics(task):
+            which = f"output '{gate.output}'" if gate.output else "the task output"
+            problems.append(f"gates[{index}].metric: '{gate.metric}' is not measured for {which} (task {task}; "
+                            f"it reports: {', '.join(sorted(known_metrics(task)))})")
+    return problems
 
 
 class Recipe(_Strict):
@@ -244,6 +313,15 @@ class Recipe(_Strict):
     output: Path | None = None
     # Folder the recipe file lives in; relative paths resolve against it. Set by the loader.
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("gates")
+    @classmethod
+    def _gates_measurable(cls, gates: list[Gate], info) -> list[Gate]:
+        validation = info.data.get("validation")  # absent when the validation section itself is invalid
+        problems = check_gates_measurable(gates, validation) if validation is not None else []
+        if problems:
+            raise ValueError("; ".join(problems))
+        return gates
 
     @field_validator("inputs")
     @classmethod
@@ -288,11 +366,14 @@ class Recipe(_Strict):
 
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
-    kinds = set(data_kinds())
+    kinds, tasks = set(data_kinds()), set(task_kinds())
     for e in err.errors():
-        # pydantic puts the data kind's tag after `data` in the path (calibration.data.npz.path): drop it.
+        # pydantic puts the data kind's tag after `data` in the path (calibration.data.npz.path), and the
+        # task's after an output's name (validation.outputs.y.detection.nms_iou): drop them.
         parts = e["loc"]
-        loc = ".".join(str(p) for i, p in enumerate(parts) if not (i and parts[i - 1] == "data" and p in kinds))
+        loc = ".".join(str(p) for i, p in enumerate(parts)
+                       if not (i and parts[i - 1] == "data" and p in kinds)
+                       and not (i > 1 and parts[i - 2] == "outputs" and p in tasks))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (remove it, or check its spelling against the README's recipe reference)"
@@ -302,6 +383,11 @@ def _format_errors(source: str, err: ValidationError) -> str:
             msg = str(e["ctx"]["error"])  # our own message, without pydantic's "Value error, " prefix
         elif e["type"] in ("enum", "literal_error"):
             msg = f"{msg}; got {e['input']!r}"
+        elif e["type"] in ("union_tag_not_found", "union_tag_invalid"):  # a data kind's `kind`, an output's `task`
+            key = e["ctx"]["discriminator"].strip("'")
+            known = ", ".join(task_kinds()) if key == "task" else ", ".join(data_kinds())
+            got = f"unknown {key} {e['ctx']['tag']!r}" if e["type"] == "union_tag_invalid" else f"'{key}' is missing"
+            msg = f"{got}; give one of: {known}"
         lines.append(f"  {loc or '<top>'}: {msg}")
     n = len(lines)
     if n == 1:  # one problem, one line

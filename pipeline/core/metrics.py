@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SQNR_CAP_DB", "ErrorSums", "OutputAccumulator", "compare_outputs", "sqnr_db", "nearest_neighbours"]
+__all__ = [
+    "SQNR_CAP_DB", "ErrorSums", "OutputAccumulator", "ChannelSums", "compare_outputs", "sqnr_db",
+    "nearest_neighbours", "default_channel_axis", "channel_ranges_text",
+]
 
 SQNR_CAP_DB = 200.0
 
@@ -78,6 +81,78 @@ class OutputAccumulator:
             "cosine_mean": float(cos.mean()) if cos.size else 1.0,
             "cosine_min": float(cos.min()) if cos.size else 1.0,
         }
+
+
+def default_channel_axis(shape: tuple[int, ...] | list[int]) -> int | None:
+    """The channel axis of an output with its batch axis first, by shape alone: axis 1 for NCHW-like
+    maps (rank >= 4), the last axis otherwise ([N, C] scores, [N, T, C] sequences, [N, S, D] features;
+    [N]: one channel per element); None for a scalar."""
+    rank = len(shape)
+    if rank == 0:
+        return None
+    return 1 if rank >= 4 else rank - 1
+
+
+class ChannelSums:
+    """Per-channel error sums and value ranges of one output over the validation set (O(channels) memory).
+
+    What it finds: the worst channel's SQNR, and *dead* channels: channels whose quantized values are one
+    constant over every sample while the float ones vary (a score channel that int8 rounds to 0 next to
+    box coordinates in the same tensor). A float variation below `rel_floor` of the output's largest
+    magnitude counts as constant (float rounding noise in a bias-only channel is not a signal).
+    """
+
+    def __init__(self, axis: int, rel_floor: float = 1e-5) -> None:
+        self.axis = axis
+        self.rel_floor = rel_floor
+        self.signal = self.noise = None
+        self.ref_lo = self.ref_hi = self.got_lo = self.got_hi = None
+
+    def update(self, ref: np.ndarray, got: np.ndarray) -> None:
+        r = np.moveaxis(np.asarray(ref, dtype=np.float64), self.axis, 0).reshape(ref.shape[self.axis], -1)
+        g = np.moveaxis(np.asarray(got, dtype=np.float64), self.axis, 0).reshape(got.shape[self.axis], -1)
+        err = g - r
+        parts = ((r * r).sum(1), (err * err).sum(1), r.min(1), r.max(1), g.min(1), g.max(1))
+        if self.signal is None:
+            self.signal, self.noise, self.ref_lo, self.ref_hi, self.got_lo, self.got_hi = parts
+            return
+        self.signal, self.noise = self.signal + parts[0], self.noise + parts[1]
+        self.ref_lo, self.ref_hi = np.minimum(self.ref_lo, parts[2]), np.maximum(self.ref_hi, parts[3])
+        self.got_lo, self.got_hi = np.minimum(self.got_lo, parts[4]), np.maximum(self.got_hi, parts[5])
+
+    def result(self) -> dict:
+        if self.signal is None:
+            return {}
+        scale = max(float(np.abs(self.ref_lo).max()), float(np.abs(self.ref_hi).max()))
+        varies = (self.ref_hi - self.ref_lo) > max(self.rel_floor * scale, 1e-30)
+        dead = np.flatnonzero(varies & (self.got_hi == self.got_lo))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per = np.where(self.noise > 0, 10 * np.log10(self.signal / np.where(self.noise > 0, self.noise, 1)),
+                           SQNR_CAP_DB)
+        per = np.minimum(np.where(self.signal > 0, per, SQNR_CAP_DB), SQNR_CAP_DB)
+        worst = int(np.argmin(per))
+        return {
+            "channel_axis": self.axis,
+            "channels": int(len(per)),
+            "sqnr_db_worst_channel": round(float(per[worst]), 3),
+            "worst_channel": worst,
+            "dead_channels": int(len(dead)),
+            "dead_channel_list": channel_ranges_text(dead.tolist()),
+        }
+
+
+def channel_ranges_text(channels: list[int], limit: int = 12) -> str:
+    """[4, 5, 6, 9] -> "4-6, 9" (at most `limit` runs, then "... (n more)")."""
+    runs: list[list[int]] = []
+    for c in channels:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    text = [f"{a}-{b}" if b > a else f"{a}" for a, b in runs[:limit]]
+    if len(runs) > limit:
+        text.append(f"... ({len(runs) - limit} more runs)")
+    return ", ".join(text)
 
 
 def compare_outputs(refs: list[np.ndarray], gots: list[np.ndarray]) -> dict:

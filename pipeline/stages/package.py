@@ -62,7 +62,7 @@ class PackageStage(Stage):
     # The manifest embeds the whole recipe, so every section is part of the key.
     sections = tuple(name for name in Recipe.model_fields if name != "base_dir")
     after = ("prepare", "calibrate", "quantize", "validate")
-    revision = 2  # 2: layer_errors/transforms/fallback JSON and report.html
+    revision = 3  # 2: layer_errors/transforms/fallback JSON and report.html; 3: per-output gates, dead channels
 
     def run(self, ctx: RunContext, out: Path) -> dict:
         recipe = ctx.recipe
@@ -79,7 +79,7 @@ class PackageStage(Stage):
         inspection = inspect_model(model, target, fmt)
         write_json(inspection, out / "placement.json")
         metrics = json.loads(ctx.require("validate", "metrics.json").read_text())
-        gates = evaluate_gates(list(recipe.gates), metrics)
+        gates = evaluate_gates(list(recipe.gates), metrics, validation=recipe.validation)
         records = {name: ctx.record(name) for name in STAGE_ORDER}
         quant_record = records["quantize"].metrics
         extras = _copy_reports(ctx, out)
@@ -97,7 +97,7 @@ class PackageStage(Stage):
                 "calibration_samples": records["calibrate"].metrics.get("samples"),
                 "excluded_nodes": quant_record.get("excluded_nodes", []),
             },
-            "metrics": {k: v for k, v in metrics.items() if k != "outputs"},
+            "metrics": metrics,  # every output by name under "outputs"
             "gates": [g.as_dict() for g in gates],
             "gates_passed": all(g.passed for g in gates),
             "placement": inspection.summary(),

@@ -5,35 +5,45 @@ arithmetic the NPU computes; for BF16, the bfloat16-rounding copy). The same mod
 int8 kernels is measured beside it and labelled CPU-EP: on x86 without VNNI those kernels saturate, so
 that figure says what a CPU deployment gets, not what the NPU gets.
 
-Metrics per output: cosine similarity (per sample), SQNR in dB, max abs error. Task metrics on the task
-output: classification accuracy (with labels) and top-1 agreement; embedding cosine mean/min and
-nearest-neighbour agreement (does each sample's nearest neighbour among the validation set stay the same).
+Every output is validated and reported by name (`metrics["outputs"]`), streamed sample by sample
+(`pipeline.core.tasks`): generic metrics by dtype and shape (float: SQNR, relative and max error, cosine
+per sample, the worst channel's SQNR and the dead channels; integer: exact agreement), and the metrics of
+the task the recipe gives the output (`validation.outputs`: classification, embedding, regression,
+detection, ctc, dense). The task output's metrics are also at the top level, under the names old recipes
+gate on.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from ..core.fileio import atomic_write, dump_json
 from ..core.formats import Format
-from ..core.metrics import OutputAccumulator
 from ..core.onnx_io import load_onnx, make_session
-from ..core.tasks import task_metrics
+from ..core.tasks import plan_outputs
 from ..data import dataset_fingerprint, open_dataset
-from ..errors import StageError
+from ..errors import RecipeError
 from ..quant.layer_error import layer_error_report
 from ..runner import RunContext, Stage
 
-__all__ = ["ValidateStage"]
+__all__ = ["ValidateStage", "flat_metrics"]
+
+_META = ("task", "dtype", "shape", "samples", "not_measured")
+
+
+def flat_metrics(output: dict) -> dict:
+    """An output's numeric metrics (what the top level and `cpu_ep` show for the task output)."""
+    return {k: v for k, v in output.items()
+            if k not in _META and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class ValidateStage(Stage):
     name = "validate"
     sections = ("inputs", "validation", "quantization")
     after = ("prepare", "quantize")
-    revision = 2  # 2: per-layer errors (layer_errors.json); BF16 fallback nodes emulated
+    # 2: per-layer errors (layer_errors.json); BF16 fallback nodes emulated
+    # 3: every output by name, task registry, worst channel and dead channels
+    revision = 3
     outputs = ("metrics.json", "layer_errors.json")
 
     def extra_key(self, ctx: RunContext) -> dict:
@@ -51,44 +61,38 @@ class ValidateStage(Stage):
         npu_session = make_session(quantized, npu_emulation=True)
         cpu_session = None if fmt is Format.BF16 else make_session(ctx.require("quantize", "model.onnx"))
         names = [o.name for o in float_session.get_outputs()]
-        task_output = recipe.validation.output or names[0]
-        if task_output not in names:
-            raise StageError(f"validation.output: the model has no output '{task_output}' (it has {names})")
-        task_index = names.index(task_output)
+        plan = plan_outputs(names, **recipe.validation.plan_arguments())
+        for index, gate in enumerate(recipe.gates):  # before the stream: a typo should not cost a run
+            if gate.output is not None and gate.output not in names:
+                raise RecipeError(f"gates[{index}].output: the model has no output '{gate.output}' "
+                                  f"(its outputs: {', '.join(names)})")
         data = open_dataset(recipe, "validation")
-        npu_acc = {n: OutputAccumulator() for n in names}
-        cpu_acc = OutputAccumulator()
-        refs, npus, cpus = [], [], []
+        npu = plan.evaluators()
+        cpu = plan.evaluators() if cpu_session is not None else None
+        runs = 0
         bar = tqdm(data, total=len(data), desc="validate", unit="sample", disable=not ctx.progress, leave=False)
         for batch in bar:
             ref = float_session.run(None, batch)
-            got = npu_session.run(None, batch)
-            for name, r, g in zip(names, ref, got):
-                npu_acc[name].update(r, g)
-            # Only the task output is kept across samples (for accuracy and nearest neighbours).
-            refs.append(ref[task_index])
-            npus.append(got[task_index])
-            if cpu_session is not None:
-                cpu = cpu_session.run(None, batch)[task_index]
-                cpu_acc.update(ref[task_index], cpu)
-                cpus.append(cpu)
-        ref_all, npu_all = np.concatenate(refs), np.concatenate(npus)
+            for name, r, g in zip(names, ref, npu_session.run(None, batch)):
+                npu[name].update(r, g)
+            if cpu is not None:
+                for name, r, c in zip(names, ref, cpu_session.run(None, batch)):
+                    cpu[name].update(r, c)
+            runs += 1
         labels = data.labels
+        outputs = {n: e.result(labels if n == plan.task_output else None) for n, e in npu.items()}
         metrics = {
-            "samples": len(refs),
-            "task": recipe.validation.task,
-            "task_output": task_output,
+            "samples": runs,
+            "task": plan.task,
+            "task_output": plan.task_output,
             "numerics": "bf16-emulated" if fmt is Format.BF16 else
                         "npu-emulated (unfused QDQ, BF16 nodes rounded)" if bf16_nodes else "npu-emulated (unfused QDQ)",
-            **task_metrics(recipe.validation.task, ref_all, npu_all, labels),
-            **npu_acc[task_output].result(),
-            "outputs": {n: acc.result() for n, acc in npu_acc.items()},
+            **flat_metrics(outputs[plan.task_output]),
+            "outputs": outputs,
         }
-        if cpu_session is not None:
-            metrics["cpu_ep"] = {
-                **task_metrics(recipe.validation.task, ref_all, np.concatenate(cpus), labels),
-                **cpu_acc.result(),
-            }
+        if cpu is not None:
+            cpu_outputs = {n: e.result(labels if n == plan.task_output else None) for n, e in cpu.items()}
+            metrics["cpu_ep"] = {**flat_metrics(cpu_outputs[plan.task_output]), "outputs": cpu_outputs}
         atomic_write(out / "metrics.json", dump_json(metrics))
         _write_layer_errors(ctx, out, quantized, bf16=fmt is Format.BF16)
         return metrics
