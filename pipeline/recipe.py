@@ -20,6 +20,7 @@ from .core.schema import StrictModel as _Strict
 from .core.tasks import known_metrics, task_kinds, task_schemas
 from .data import data_kinds, dataset_schemas
 from .errors import RecipeError
+from .quant.guard import GuardConfig
 from .quant.ranges import range_methods
 from .quant.transforms import transform_registry
 from .targets import TARGETS, get_target
@@ -219,6 +220,8 @@ class QuantizationSettings(_Strict):
     # Calibration samples the transforms' per-channel statistics are taken from (at most).
     transform_samples: Annotated[int, Field(ge=1)] = 128
     fallback: FallbackSettings = FallbackSettings()
+    # Tensors that mix ranges (a Concat of box coordinates and scores) kept at 16 bits or float (quant.guard).
+    range_guard: GuardConfig = GuardConfig()
 
     # Checked at load time, so a typo fails before any stage runs.
     @field_validator("target")

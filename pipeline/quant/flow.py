@@ -3,7 +3,8 @@
 Steps, in order, each optional but the last:
 1. the transforms (`pipeline.quant.transforms`) rewrite a copy of the float model;
 2. the histograms they made stale are recollected on the transformed model (`statistics`), so every
-   range comes from the graph that is quantized;
+   range comes from the graph that is quantized; the range guard (`guard`) finds tensors that mix
+   ranges and keeps them at 16 bits or float in every configuration below;
 3. the accuracy-aware fallback (`fallback`) chooses which tensors go to 16 bits and which nodes to BF16
    or the CPU, scored on held-out data by the caller's `fallback` function;
 4. Q/DQ insertion (`qdq.quantize_qdq`) with the chosen configuration.
@@ -20,6 +21,7 @@ import onnx
 
 from ..core.formats import Format
 from .fallback import FallbackConfig, FallbackResult, npu_numerics
+from .guard import GuardConfig, GuardResult, find_mixed_ranges
 from .histogram import StatsCollector
 from .qdq import quantize_qdq
 from .statistics import collect_histograms
@@ -38,6 +40,7 @@ class QuantizeSettings:
     transforms: Sequence[tuple[str, dict]] = ()  # (registered name, settings), in order
     transform_samples: int = 128
     promoted_method: str = "minmax"
+    guard: GuardConfig = GuardConfig()
 
 
 @dataclass
@@ -51,6 +54,7 @@ class QuantizeOutcome:
     histograms: StatsCollector | None = None  # recollected statistics, when transforms made some stale
     fallback: FallbackResult | None = None
     emulated: onnx.ModelProto | None = None  # the QDQ model with its BF16 nodes rounded, when there are any
+    guard: GuardResult = field(default_factory=GuardResult)
 
 
 def run_quantize_flow(
@@ -59,11 +63,11 @@ def run_quantize_flow(
     settings: QuantizeSettings,
     *,
     calibration: Callable[[int | None], Iterable[dict]],
-    fallback: Callable[[onnx.ModelProto, Callable[[FallbackConfig], tuple]], FallbackResult] | None = None,
+    fallback: Callable[[onnx.ModelProto, Callable[[FallbackConfig], tuple], GuardResult], FallbackResult] | None = None,
     progress: bool = False,
 ) -> QuantizeOutcome:
     """Run the flow (see the module docstring). `calibration(limit)` opens the calibration data (all of
-    it for None); `fallback(float model, quantize)` runs the search and returns its result."""
+    it for None); `fallback(float model, quantize, guard)` runs the search and returns its result."""
     common = dict(target=settings.target, fmt=settings.fmt, method=settings.method, percentile=settings.percentile)
     transformed, transform_result = model, None
     if settings.transforms:
@@ -80,17 +84,22 @@ def run_quantize_flow(
         if transform_result.stale:
             histograms = collect_histograms(transformed, calibration(None), progress=progress)
 
+    guard = find_mixed_ranges(transformed, histograms, settings.guard, target=settings.target, fmt=settings.fmt,
+                              batches=calibration)
+
     def quantize(config: FallbackConfig):
-        moved = sorted(config.bf16 | config.cpu)
+        moved = sorted((config.bf16 | config.cpu | guard.float_nodes) - set(settings.exclude_nodes))
+        promote = {t: 16 for t in config.promote | guard.promote}
         return quantize_qdq(transformed, histograms, **common, exclude_nodes=[*settings.exclude_nodes, *moved],
-                            promote={t: 16 for t in config.promote}, promote_method=settings.promoted_method)
+                            promote=promote, promote_method=settings.promoted_method)
 
     config, searched = FallbackConfig(), None
     if fallback is not None:
-        searched = fallback(transformed, quantize)
+        searched = fallback(transformed, quantize, guard)
         config = searched.config
     quantized, ranges, info = quantize(config)
-    outcome = QuantizeOutcome(quantized, ranges, info, config, fallback=searched)
+    outcome = QuantizeOutcome(quantized, ranges, info, config, fallback=searched, guard=guard)
+    info["range_guard"] = guard.to_json()
     if config.bf16:
         outcome.emulated = npu_numerics(quantized, config)
     if transform_result is not None:

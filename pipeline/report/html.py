@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .markdown import accuracy_rows, format_value  # one number format for report.md and report.html
+from .outputs import GATE_HEADER, GUARD_HEADER, OUTPUT_HEADER, gate_rows, guard_rows, output_rows
 
 __all__ = ["render_html", "worst_histograms", "histogram_series", "svg_scatter", "svg_bars", "svg_histogram"]
 
@@ -228,11 +229,12 @@ def _accuracy(manifest: dict, metrics: dict) -> list[str]:
            f"<p>Validated on {_e(metrics.get('samples'))} held-out samples ({_e(metrics.get('task'))}). "
            f"NPU column: {_e(metrics.get('numerics', ''))}. CPU EP: onnxruntime's fused kernels.</p>",
            _table(("metric", "NPU (emulated)", "CPU EP"), rows)]
-    gates = manifest.get("gates", [])
-    if gates:
-        grows = [(_e(g["metric"]), format_value(g["value"]), format_value(g["min"]), format_value(g["max"]),
-                  '<span class="pass">pass</span>' if g["passed"] else '<span class="fail">FAIL</span>') for g in gates]
-        out += ["<h2>Gates</h2>", _table(("metric", "value", "min", "max", "result"), grows)]
+    cell = lambda c: '<span class="fail">FAIL</span>' if c == "**FAIL**" else _e(c.replace("**", ""))  # noqa: E731
+    if manifest.get("gates"):
+        out += ["<h2>Gates</h2>", _table(GATE_HEADER, [tuple(map(cell, r)) for r in gate_rows(manifest["gates"])])]
+    out += ["<h2>Outputs</h2>", _table(OUTPUT_HEADER, [tuple(map(cell, r)) for r in output_rows(metrics)])]
+    if guard_rows(manifest.get("range_guard")):
+        out += ["<h2>Range guard</h2>", _table(GUARD_HEADER, [tuple(map(_e, r)) for r in guard_rows(manifest["range_guard"])])]
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .outputs import GATE_HEADER, GUARD_HEADER, OUTPUT_HEADER, gate_rows, guard_rows, output_rows
+
 __all__ = ["render_markdown", "accuracy_rows", "format_table", "format_value"]
 
 _ROWS = [
@@ -9,10 +11,22 @@ _ROWS = [
     ("accuracy", "quantized accuracy (%)"),
     ("accuracy_drop", "accuracy drop (pt)"),
     ("top1_agreement", "top-1 agreement with float (%)"),
+    ("top1_agreement_confident", "top-1 agreement, confident positions (%)"),
+    ("boxes_matched", "float boxes matched (%)"),
+    ("boxes_precision", "quantized boxes matching a float one (%)"),
+    ("nonblank_agreement", "agreement on non-blank steps (%)"),
+    ("string_agreement", "decoded strings equal (%)"),
+    ("char_error_rate", "character error rate (%)"),
+    ("map_iou", "thresholded map IoU (%)"),
+    ("map_iou_min", "thresholded map IoU, worst sample (%)"),
+    ("exact_agreement", "exact agreement (%)"),
     ("cosine_mean", "cosine to float, mean"),
     ("cosine_min", "cosine to float, min"),
     ("nn_agreement", "nearest-neighbour agreement (%)"),
     ("sqnr_db", "SQNR (dB)"),
+    ("sqnr_db_worst_channel", "SQNR of the worst channel (dB)"),
+    ("dead_channels", "dead channels"),
+    ("rel_error", "relative error"),
     ("max_abs_error", "max abs error"),
 ]
 
@@ -65,9 +79,10 @@ def render_markdown(
         "",
         manifest.get("description") or "",
         "",
-        f"Validated on {metrics.get('samples')} held-out samples ({metrics.get('task')}, output "
-        f"`{metrics.get('task_output')}`). NPU column: {numerics}, what the NPU computes. CPU-EP column: "
-        "the same model on onnxruntime's CPU kernels (fused int8, which saturate on x86 without VNNI).",
+        f"Validated on {metrics.get('samples')} held-out samples; every output below, the table for the task "
+        f"output `{metrics.get('task_output')}` ({metrics.get('task')}). NPU column: {numerics}, what the NPU "
+        "computes. CPU-EP column: the same model on onnxruntime's CPU kernels (fused int8, which saturate on "
+        "x86 without VNNI).",
         "",
         "## Accuracy",
         "",
@@ -78,13 +93,21 @@ def render_markdown(
     ]
     gates = manifest.get("gates", [])
     if gates:
-        rows = [
-            (g["metric"], format_value(g["value"]), format_value(g["min"]), format_value(g["max"]), "pass" if g["passed"] else "**FAIL**")
-            for g in gates
-        ]
-        lines.append(format_table(("metric", "value", "min", "max", "result"), rows, markdown=True))
+        lines.append(format_table(GATE_HEADER, gate_rows(gates), markdown=True))
     else:
-        lines.append("No gates in the recipe.")
+        lines.append("No gates.")
+    lines += ["", "## Outputs", "",
+              "Every output by name. Worst channel: the channel with the lowest SQNR; dead channels: quantized to "
+              "a constant while the float ones vary (a default gate fails the run on them).", "",
+              format_table(OUTPUT_HEADER, output_rows(metrics), markdown=True)]
+    guard = manifest.get("range_guard")
+    if guard and (guard.get("findings") or guard.get("notes")):
+        lines += ["", "## Range guard", "",
+                  "Tensors whose parts differ in range by orders of magnitude (one scale would round the small part "
+                  "away), found from the calibration statistics and kept at a precision that holds.", ""]
+        if guard.get("findings"):
+            lines.append(format_table(GUARD_HEADER, guard_rows(guard), markdown=True))
+        lines += ["", *(f"- {note}" for note in guard.get("notes", []))] if guard.get("notes") else []
     placement = manifest.get("placement", {})
     lines += ["", "## Placement (predicted)", ""]
     if placement:
@@ -103,13 +126,6 @@ def render_markdown(
         lines += [f"- `{p.node}` ({p.op_type}): {p.reason}" for p in cpu_nodes[:50]]
         if len(cpu_nodes) > 50:
             lines.append(f"- ... and {len(cpu_nodes) - 50} more (see placement.json)")
-    outputs = metrics.get("outputs", {})
-    if len(outputs) > 1:
-        lines += ["", "## Per output", ""]
-        rows = [
-            (name, format_value(m["cosine_mean"]), format_value(m["sqnr_db"]), format_value(m["max_abs_error"])) for name, m in outputs.items()
-        ]
-        lines.append(format_table(("output", "cosine mean", "SQNR (dB)", "max abs error"), rows, markdown=True))
     lines += _accuracy_work(transforms, fallback, layer_errors)
     lines += ["", "## Stages", ""]
     rows = [(name, f"{rec.seconds:.2f}") for name, rec in records.items()]

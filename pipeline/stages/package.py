@@ -100,6 +100,7 @@ class PackageStage(Stage):
             "metrics": metrics,  # every output by name under "outputs"
             "gates": [g.as_dict() for g in gates],
             "gates_passed": all(g.passed for g in gates),
+            "range_guard": quant_record.get("range_guard"),
             "placement": inspection.summary(),
             "recipe": recipe.model_dump(mode="json"),
             "versions": library_versions(),

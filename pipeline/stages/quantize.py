@@ -28,7 +28,7 @@ class QuantizeStage(Stage):
     name = "quantize"
     sections = ("quantization", "calibration")
     after = ("prepare", "calibrate")
-    revision = 3  # 3: transforms as a registry (quantization.transforms)
+    revision = 4  # 3: transforms as a registry (quantization.transforms); 4: range guard
     outputs = ("model.onnx", "ranges.json")
     optional_outputs = (
         "emulated.onnx",  # the model validate runs when it differs from model.onnx (BF16, BF16 fallback nodes)
@@ -64,15 +64,15 @@ def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
         target=target, fmt=fmt, method=recipe.calibration.method, percentile=recipe.calibration.percentile,
         exclude_nodes=tuple(q.exclude_nodes), transforms=[(s.name, s.settings) for s in q.transform_steps()],
         transform_samples=min(q.transform_samples, recipe.calibration.samples),
-        promoted_method=q.fallback.promoted_method,
+        promoted_method=q.fallback.promoted_method, guard=q.range_guard,
     )
     fallback = None
     if q.fallback.enabled and recipe.gates:
-        def fallback(transformed, quantize):
+        def fallback(transformed, quantize, guard):
             batches, where = holdout_batches(recipe, q.fallback.holdout)
             return HeldOutFallback(
                 transformed, model, quantize, target, fmt, batches, where, recipe.gates,
-                recipe.validation.task, recipe.validation.output, q.fallback,
+                recipe.validation.task, recipe.validation.output, q.fallback, priority=guard.tensors,
             ).run()
     outcome = run_quantize_flow(
         model, StatsCollector.load(ctx.require("calibrate", "stats.npz")), settings,

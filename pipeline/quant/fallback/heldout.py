@@ -55,6 +55,7 @@ class HeldOutFallback:
     task: str
     task_output: str | None
     settings: object
+    priority: frozenset[str] = frozenset()  # tensors the range guard found mixing ranges: ranked first
     ranking_samples: int = 8
     _refs: np.ndarray | None = None
     _base: tuple | None = None
@@ -117,8 +118,10 @@ class HeldOutFallback:
         scores = local_sqnr(self.model, quantized, self.batches[: self.ranking_samples], masked=masked)
         groups = value_groups(self.model, quantized)
         mac_read = {i for n in self.model.graph.node if n.op_type in MAC_OPS for i in n.input}
-        # Values no MAC node reads first: promoting them costs no int8 MACs.
-        return sorted(groups, key=lambda g: (bool(mac_read & set(g)), min(scores[t] for t in g), sorted(g)))
+        # Tensors the range guard found mixing ranges first (the same signal), then values no MAC node
+        # reads: promoting them costs no int8 MACs.
+        return sorted(groups, key=lambda g: (not self.priority & set(g), bool(mac_read & set(g)),
+                                             min(scores[t] for t in g), sorted(g)))
 
     def _rank_nodes(self, rung: str, config: FallbackConfig) -> list[str]:
         _, _, info = self._base
