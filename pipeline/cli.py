@@ -114,6 +114,12 @@ def check(recipes: list[Path] = typer.Argument(..., help="Recipe YAML file(s).")
             data = spec.resolve(getattr(spec, section).data.path)
             if not data.exists():
                 raise DataError(f"{path}: {section}.data.path: {data} does not exist (run make data, or fix the path)")
+        if spec.model.onnx is not None:  # the outputs the recipe names, and the gates' metrics, against the model
+            from .core.onnx_io import load_onnx
+            from .gates import check_outputs
+
+            names = [o.name for o in load_onnx(spec.resolve(spec.model.onnx), where="model.onnx").graph.output]
+            check_outputs(list(spec.gates), spec.validation, names, where=str(path))
         typer.echo(f"ok  {path}: {spec.name} ({target.name}, {fmt.value})")
 
 

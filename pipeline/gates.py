@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .core.tasks import gate_holds
+from .core.tasks import GENERIC_METRICS, gate_holds, known_metrics, plan_outputs
 from .errors import GateError, RecipeError
 from .recipe import Gate
 
-__all__ = ["GateResult", "evaluate_gates", "dead_channel_gates", "raise_for_failures"]
+__all__ = ["GateResult", "evaluate_gates", "dead_channel_gates", "raise_for_failures", "check_outputs"]
 
 _DEAD_FIX = ("the tensor feeding this output mixes ranges (e.g. a Concat of box coordinates and scores): keep "
              "the range guard on (quantization.range_guard), exclude the node that mixes them "
@@ -111,6 +111,27 @@ def _waiver(validation, output: str) -> str | None:
     if declared is not None and declared.allow_dead_channels:
         return declared.allow_dead_channels
     return validation.allow_dead_channels
+
+
+def check_outputs(gates: list[Gate], validation, names: list[str], *, where: str = "recipe") -> None:
+    """Before anything runs, once the model's output names are known: every output the recipe names
+    exists, and every gate's metric is one its output's task reports. Raises one RecipeError listing all."""
+    problems = []
+    named = [*validation.outputs, *([validation.output] if validation.output else [])]
+    problems += [f"validation: the model has no output '{n}'" for n in dict.fromkeys(named) if n not in names]
+    problems += [f"gates[{i}].output: the model has no output '{g.output}'"
+                 for i, g in enumerate(gates) if g.output is not None and g.output not in names]
+    if not problems:
+        plan = plan_outputs(names, **validation.plan_arguments())
+        for i, gate in enumerate(gates):
+            settings = plan.settings[gate.output or plan.task_output]
+            allowed = known_metrics(settings.task) if settings is not None else GENERIC_METRICS
+            if gate.metric not in allowed:
+                task = settings.task if settings is not None else "none (generic metrics)"
+                problems.append(f"gates[{i}].metric: '{gate.metric}' is not measured for output "
+                                f"'{gate.output or plan.task_output}' (task {task})")
+    if problems:
+        raise RecipeError(f"{where}: " + "; ".join(problems) + f" (the model's outputs: {', '.join(names)})")
 
 
 def raise_for_failures(recipe_name: str, results: list[GateResult], report: str) -> None:

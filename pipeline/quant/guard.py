@@ -34,6 +34,7 @@ import onnx
 from pydantic import Field
 
 from ..core.formats import Format
+from ..core.ops import PERMUTING_OPS
 from ..core.schema import StrictModel
 from .histogram import StatsCollector
 from .statistics import StatisticsService
@@ -53,13 +54,17 @@ class GuardConfig(StrictModel):
 @dataclass(frozen=True)
 class MixedRange:
     tensor: str
-    node: str  # the node that writes it
+    node: str  # the node that computes its values (through reshapes and transposes)
     op_type: str
     kind: str  # "concat" (inputs of different ranges) or "channels" (channel groups of different ranges)
     big: float  # the largest range, and the smallest one it is mixed with
     small: float
     groups: str  # which inputs / channels are small
     action: str  # "float" or "16-bit"
+    # The value: the computed tensor and its reshapes/transposes (each has its own Q/DQ, one set of numbers),
+    # and the layout nodes between them; all of them get the action.
+    tensors: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -67,6 +72,7 @@ class MixedRange:
 
     def to_json(self) -> dict:
         return {"tensor": self.tensor, "node": self.node, "op_type": self.op_type, "kind": self.kind,
+                "value": list(self.tensors),
                 "range_big": round(self.big, 6), "range_small": round(self.small, 9),
                 "ratio": round(self.ratio, 1), "small": self.groups, "action": self.action}
 
@@ -78,20 +84,49 @@ class GuardResult:
 
     @property
     def float_nodes(self) -> frozenset[str]:
-        return frozenset(f.node for f in self.findings if f.action == "float")
+        return frozenset(n for f in self.findings if f.action == "float" for n in f.nodes)
 
     @property
     def promote(self) -> frozenset[str]:
-        return frozenset(f.tensor for f in self.findings if f.action == "16-bit")
+        return frozenset(t for f in self.findings if f.action == "16-bit" for t in f.tensors)
 
     @property
     def tensors(self) -> frozenset[str]:
-        """Every tensor found mixing ranges (what the fallback ranks first)."""
-        return frozenset(f.tensor for f in self.findings)
+        """Every tensor found mixing ranges, with its reshapes (what the fallback ranks first)."""
+        return frozenset(t for f in self.findings for t in f.tensors)
 
     def to_json(self) -> dict:
         return {"findings": [f.to_json() for f in self.findings], "float_nodes": sorted(self.float_nodes),
                 "promoted_to_16_bits": sorted(self.promote), "notes": self.notes}
+
+
+def _value(model: onnx.ModelProto, tensor: str) -> tuple[str, list[str], list[str]]:
+    """(source tensor, tensors, nodes) of the value `tensor` belongs to: back through layout ops to the
+    tensor a computing node writes, then forward through layout ops to every rearrangement of it."""
+    writers = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input[:1]:
+            readers.setdefault(i, []).append(n)
+    source = tensor
+    while source in writers and writers[source].op_type in PERMUTING_OPS and writers[source].input:
+        source = writers[source].input[0]
+    tensors, nodes, todo = [source], [writers[source].name] if source in writers else [], [source]
+    while todo:
+        for n in readers.get(todo.pop(), []):
+            if n.op_type in PERMUTING_OPS and n.output[0] not in tensors:
+                tensors.append(n.output[0])
+                nodes.append(n.name)
+                todo.append(n.output[0])
+    return source, tensors, nodes
+
+
+def _finding(model: onnx.ModelProto, tensor: str, kind: str, big: float, small: float, groups: str,
+             action: str) -> MixedRange:
+    source, tensors, nodes = _value(model, tensor)
+    writer = next((n for n in model.graph.node if source in n.output), None)
+    return MixedRange(tensor, writer.name if writer else source, writer.op_type if writer else "input", kind, big,
+                      small, groups, action, tuple(tensors), tuple(nodes))
 
 
 def _span(stats) -> float:
@@ -123,8 +158,8 @@ def _concats(model: onnx.ModelProto, histograms: StatsCollector, config: GuardCo
         if small:
             low = min(s for _, s in small)
             groups = "inputs " + ", ".join(f"{i} ({node.input[i]}: {s:.3g})" for i, s in small)
-            found.append(MixedRange(node.output[0], node.name, "Concat", "concat", big, low, groups,
-                                    _action(big / low, config, sixteen)))
+            found.append(_finding(model, node.output[0], "concat", big, low, groups,
+                                  _action(big / low, config, sixteen)))
     return found
 
 
@@ -158,7 +193,7 @@ def _output_channels(model: onnx.ModelProto, histograms: StatsCollector, config:
     shapes = activation_tensors(model)
     writers = {o: n for n in model.graph.node for o in n.output}
     candidates = [o.name for o in model.graph.output
-                  if o.name not in skip and o.name in writers and o.name in histograms and o.name in shapes]
+                  if not {o.name} & skip and o.name in writers and o.name in histograms and o.name in shapes]
     found: list[MixedRange] = []
     for slot in (0, 1):
         requests = {}
@@ -168,7 +203,9 @@ def _output_channels(model: onnx.ModelProto, histograms: StatsCollector, config:
                 requests[name] = (len(shapes[name]), axes[slot])
         if not requests:
             continue
-        service = StatisticsService(model)
+        # Unoptimized: a transformed graph (SmoothQuant) meets onnxruntime 1.32's MatMulAddFusion bug, and
+        # these passes see `samples` samples only.
+        service = StatisticsService(model, optimize=False)
         service.request_channels(requests)
         channels = service.collect(batches(config.samples), limit=config.samples).channels
         for name, (_, axis) in requests.items():
@@ -179,10 +216,8 @@ def _output_channels(model: onnx.ModelProto, histograms: StatsCollector, config:
             big, low = float(live.max()), float(live.min())
             if big < _flag_ratio(config, fmt) * low:
                 continue
-            node = writers[name]
             groups = f"axis {axis}, channels {_small_runs(absmax, big / _flag_ratio(config, fmt))}"
-            found.append(MixedRange(name, node.name, node.op_type, "channels", big, low, groups,
-                                    _action(big / low, config, sixteen)))
+            found.append(_finding(model, name, "channels", big, low, groups, _action(big / low, config, sixteen)))
     return found
 
 
@@ -198,7 +233,7 @@ def find_mixed_ranges(model: onnx.ModelProto, histograms: StatsCollector, config
     # shifts and 16-bit Q/DQ in it are undocumented: float there.
     sixteen = fmt.spec.activation_bits == 8 and not fmt.spec.power_of_two and Format.A16W8 in target.formats
     result.findings = _concats(model, histograms, config, fmt, sixteen)
-    done = {f.tensor for f in result.findings}
+    done = {t for f in result.findings for t in f.tensors}
     result.findings += _output_channels(model, histograms, config, fmt, sixteen, batches, done)
     if result.findings and not sixteen:
         result.notes.append(f"{fmt.value} on {target.name}: no 16-bit activations beside these int8 ones "

@@ -22,7 +22,7 @@ from ..core.formats import Format
 from ..core.onnx_io import load_onnx, make_session
 from ..core.tasks import plan_outputs
 from ..data import dataset_fingerprint, open_dataset
-from ..errors import RecipeError
+from ..gates import check_outputs
 from ..quant.layer_error import layer_error_report
 from ..runner import RunContext, Stage
 
@@ -61,11 +61,8 @@ class ValidateStage(Stage):
         npu_session = make_session(quantized, npu_emulation=True)
         cpu_session = None if fmt is Format.BF16 else make_session(ctx.require("quantize", "model.onnx"))
         names = [o.name for o in float_session.get_outputs()]
+        check_outputs(list(recipe.gates), recipe.validation, names)  # before the stream: a typo costs no run
         plan = plan_outputs(names, **recipe.validation.plan_arguments())
-        for index, gate in enumerate(recipe.gates):  # before the stream: a typo should not cost a run
-            if gate.output is not None and gate.output not in names:
-                raise RecipeError(f"gates[{index}].output: the model has no output '{gate.output}' "
-                                  f"(its outputs: {', '.join(names)})")
         data = open_dataset(recipe, "validation")
         npu = plan.evaluators()
         cpu = plan.evaluators() if cpu_session is not None else None
