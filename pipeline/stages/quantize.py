@@ -43,7 +43,10 @@ class QuantizeStage(Stage):
         # The fallback searches until the gates hold, scoring held-out data with the validation task's
         # metrics on this output: all three shape its result.
         recipe = ctx.recipe
-        return {"gates": recipe.section_json("gates"), "task": recipe.validation.task, "output": recipe.validation.output}
+        v = recipe.validation
+        return {"gates": recipe.section_json("gates"), "task": v.task, "output": v.output,
+                "outputs": {n: s.model_dump(mode="json") for n, s in v.outputs.items()},
+                "allow_dead_channels": v.allow_dead_channels}
 
     def run(self, ctx: RunContext, out: Path) -> dict:
         target, fmt = ctx.recipe.target_and_format()
@@ -70,9 +73,13 @@ def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
     if q.fallback.enabled and recipe.gates:
         def fallback(transformed, quantize, guard):
             batches, where = holdout_batches(recipe, q.fallback.holdout)
+            v = recipe.validation
+            plan = v.plan_arguments()
+            waived = {n for n, s in v.outputs.items() if s.allow_dead_channels} | ({"*"} if v.allow_dead_channels else set())
             return HeldOutFallback(
                 transformed, model, quantize, target, fmt, batches, where, recipe.gates,
-                recipe.validation.task, recipe.validation.output, q.fallback, priority=guard.tensors,
+                plan["task"], plan["output"], q.fallback, priority=guard.tensors, outputs=plan["declared"],
+                task_given=plan["task_given"], waived=frozenset(waived),
             ).run()
     outcome = run_quantize_flow(
         model, StatsCollector.load(ctx.require("calibrate", "stats.npz")), settings,

@@ -10,14 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ...core.formats import Format
 from ...core.masks import masked_softmax_inputs
-from ...core.metrics import compare_outputs
 from ...core.onnx_io import make_session
 from ...core.ops import LAYOUT_OPS, MAC_OPS
-from ...core.tasks import gate_holds, task_metrics
+from ...core.tasks import gate_holds, plan_outputs
 from ...inspect import inspect_model
 from ..layer_error import local_sqnr, node_sqnr_drop, quantized_view
 from .search import FallbackConfig, FallbackResult, SearchSpace, search
@@ -41,7 +38,10 @@ class HeldOutFallback:
     """Runs `search` for one model: held-out scoring, rankings and shares over real models.
 
     `settings` carries the recipe's fallback settings (rungs, share budgets, curve_points); `gates` are
-    objects with `metric`, `min` and `max`; `task` and `task_output` say which output the metrics read.
+    objects with `metric`, `min`, `max` and `output`; `task`, `task_output`, `outputs` (per-output task
+    settings) and `task_given` are the recipe's validation plan (`pipeline.core.tasks.plan_outputs`): every
+    output is scored as validation scores it, and an output with a dead channel (unless `waived`, "*" for
+    all) fails like the default gate does.
     """
 
     model: object  # the float model being quantized (after transforms)
@@ -56,8 +56,11 @@ class HeldOutFallback:
     task_output: str | None
     settings: object
     priority: frozenset[str] = frozenset()  # tensors the range guard found mixing ranges: ranked first
+    outputs: dict = field(default_factory=dict)
+    task_given: bool = False
+    waived: frozenset[str] = frozenset()
     ranking_samples: int = 8
-    _refs: np.ndarray | None = None
+    _refs: list | None = None
     _base: tuple | None = None
     _placement: list = field(default_factory=list)
 
@@ -65,17 +68,20 @@ class HeldOutFallback:
         settings = self.settings
         reference = make_session(self.reference.SerializeToString())
         names = [o.name for o in reference.get_outputs()]
-        self._task = names.index(self.task_output or names[0])
-        self._refs = np.concatenate([reference.run(None, b)[self._task] for b in self.batches])
+        self._plan = plan_outputs(names, self.outputs, output=self.task_output, task=self.task,
+                                  task_given=self.task_given)
+        # Every output of the reference, per batch (held-out splits are small: 64-200 samples).
+        self._refs = [reference.run(None, b) for b in self.batches]
         self._base = self.quantize(FallbackConfig())
         self._placement = inspect_model(self._base[0], self.target, self.fmt).placement
         probe = self._metrics(self._base[0])
-        gates = [g for g in self.gates if g.metric in probe]
-        skipped = sorted({g.metric for g in self.gates} - {g.metric for g in gates})
+        gates = [g for g in self.gates if self._key(g) in probe]
+        skipped = sorted({self._key(g) for g in self.gates} - {self._key(g) for g in gates})
         rungs = [r for r in settings.rungs if r != "bf16" or Format.BF16 in self.target.formats]
         space = SearchSpace(
             score=self._score,
-            gates=lambda m: all(gate_holds(float(m[g.metric]), g.min, g.max) for g in gates),
+            gates=lambda m: (all(gate_holds(float(m[self._key(g)]), g.min, g.max) for g in gates)
+                             and m.get("dead_channels_unwaived", 0) == 0),
             shares=lambda c: compute_shares(self._placement, c, self._readers16),
             rank_values=self._rank_values,
             rank_nodes=self._rank_nodes,
@@ -93,14 +99,34 @@ class HeldOutFallback:
         result.notes.insert(0, f"held-out split: {self.where}")
         if skipped:
             result.notes.append(f"gates not measurable on the held-out split, left out of the search: {', '.join(skipped)}")
+        if probe.get("dead_channels_unwaived"):
+            result.notes.append("the all-int8 model has dead output channels on the held-out split: the search "
+                                "also makes them live (the default dead-channel gate)")
         if "bf16" in settings.rungs and "bf16" not in rungs:
             result.notes.append(f"bf16 rung skipped: target {self.target.name} does not run BF16")
         return result
 
+    def _key(self, gate) -> str:
+        """A gate's metric as `_metrics` names it: plain for the task output, `output:metric` otherwise."""
+        output = getattr(gate, "output", None)
+        return gate.metric if output in (None, self._plan.task_output) else f"{output}:{gate.metric}"
+
     def _metrics(self, npu_model) -> dict:
         session = make_session(npu_model.SerializeToString(), npu_emulation=True)
-        got = np.concatenate([session.run(None, b)[self._task] for b in self.batches])
-        return {**task_metrics(self.task, self._refs, got, None), **compare_outputs([self._refs], [got])}
+        evaluators = self._plan.evaluators()
+        for refs, batch in zip(self._refs, self.batches):
+            for name, r, g in zip(self._plan.names, refs, session.run(None, batch)):
+                evaluators[name].update(r, g)
+        metrics, dead = {}, 0
+        for name, ev in evaluators.items():
+            result = ev.result(None)
+            if name not in self.waived and "*" not in self.waived:
+                dead += int(result.get("dead_channels", 0))
+            prefix = "" if name == self._plan.task_output else f"{name}:"
+            metrics.update({prefix + k: v for k, v in result.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        metrics["dead_channels_unwaived"] = dead
+        return metrics
 
     def _score(self, config: FallbackConfig) -> dict:
         qmodel = self.quantize(config)[0]
