@@ -17,7 +17,8 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, fi
 
 from .core.formats import Format
 from .core.schema import StrictModel as _Strict
-from .core.tasks import known_metrics, task_kinds, task_schemas
+from .core.tasks import task_kinds, task_schemas
+from .core.tasks.gatespec import Gate, check_gates_measurable
 from .data import data_kinds, dataset_schemas
 from .errors import RecipeError
 from .quant.guard import GuardConfig
@@ -258,49 +259,6 @@ class QuantizationSettings(_Strict):
         if self.bias_correction:
             steps.append(TransformStep(name="bias_correction"))
         return steps
-
-
-def _known_metric(name: str) -> str:
-    if name not in known_metrics():
-        raise ValueError(f"unknown metric {name!r}; known: {', '.join(sorted(known_metrics()))}")
-    return name
-
-
-# A metric some output can report: the generic ones of every output and those of the registered tasks.
-Metric = Annotated[str, AfterValidator(_known_metric)]
-
-
-class Gate(_Strict):
-    """A threshold on one validation metric of one output: `min` and/or `max`. `accuracy_drop` is in points
-    (pt). `output`: the model output whose metric is read (default: the task output)."""
-
-    metric: Metric
-    min: float | None = None
-    max: float | None = None
-    output: str | None = None
-
-    @model_validator(mode="after")
-    def _has_bound(self) -> "Gate":
-        if self.min is None and self.max is None:
-            raise ValueError(f"gate on {self.metric!r} needs 'min' or 'max'")
-        return self
-
-
-def check_gates_measurable(gates: list[Gate], validation: ValidationSettings) -> list[str]:
-    """Gates whose metric the output's task cannot report, as messages (empty: all measurable). An output
-    the recipe does not describe is checked against the model's outputs when the model is known."""
-    problems = []
-    for index, gate in enumerate(gates):
-        task = validation.task_of(gate.output)
-        if task is None and gate.output is not None and gate.output in validation.outputs:
-            task = validation.outputs[gate.output].task
-        if task is None:
-            continue
-        if gate.metric not in known_metrics(task):
-            which = f"output '{gate.output}'" if gate.output else "the task output"
-            problems.append(f"gates[{index}].metric: '{gate.metric}' is not measured for {which} (task {task}; "
-                            f"it reports: {', '.join(sorted(known_metrics(task)))})")
-    return problems
 
 
 class Recipe(_Strict):

@@ -170,6 +170,7 @@ def test_mobilenet_a8w8_end_to_end(tmp_path: Path):
     manifest = json.loads((out / "artifact" / "manifest.json").read_text())
     metrics = manifest["metrics"]
     assert metrics["samples"] == 360
+    assert 0.0 < metrics["top1_agreement_confident"] <= 100.0 and metrics["confident_share"] > 0.0
     assert manifest["gates_passed"] is True
     assert json.loads((out / "export" / "stage.json").read_text())["metrics"]["max_abs_diff"]["output"] < 1e-4
     # The statistics came from the first 200 calibration crops.
