@@ -79,9 +79,10 @@ def test_dead_channels_are_constant_when_quantized_and_varying_in_float():
     got[:, :, 4:] = 0.0  # the scores rounded away
     got[:, :, 0] += 0.5
     ref[:, :, 5] = 0.25  # a float-constant channel is not dead, quantized constant or not
+    ref[:, :, 7] = rng.uniform(-1e-33, 1e-33, ref[:, :, 7].shape)  # float noise: silent, not dead, not worst
     m = _stream(RegressionSettings(channel_axis=1), ref, got)
-    assert m["channel_axis"] == 1 and m["channels"] == 8
-    assert m["dead_channels"] == 3 and m["dead_channel_list"] == "4, 6-7"
+    assert m["channel_axis"] == 1 and m["channels"] == 8 and m["silent_channels"] == 1
+    assert m["dead_channels"] == 2 and m["dead_channel_list"] == "4, 6"
     assert m["sqnr_db"] > 25 and m["sqnr_db_worst_channel"] == 0.0
     assert _stream(None, ref, got)["channel_axis"] == 2  # rank 3 by default: the last axis
 

@@ -123,17 +123,22 @@ class ChannelSums:
     def result(self) -> dict:
         if self.signal is None:
             return {}
-        scale = max(float(np.abs(self.ref_lo).max()), float(np.abs(self.ref_hi).max()))
-        varies = (self.ref_hi - self.ref_lo) > max(self.rel_floor * scale, 1e-30)
+        absmax = np.maximum(np.abs(self.ref_lo), np.abs(self.ref_hi))
+        floor = max(self.rel_floor * float(absmax.max()), 1e-30)
+        varies = (self.ref_hi - self.ref_lo) > floor
         dead = np.flatnonzero(varies & (self.got_hi == self.got_lo))
+        # Channels that are float noise (|x| below the floor everywhere: an unused embedding dimension)
+        # carry no signal to lose: left out of the worst-channel ranking.
+        live = absmax > floor
         with np.errstate(divide="ignore", invalid="ignore"):
             per = np.where(self.noise > 0, 10 * np.log10(self.signal / np.where(self.noise > 0, self.noise, 1)),
                            SQNR_CAP_DB)
-        per = np.minimum(np.where(self.signal > 0, per, SQNR_CAP_DB), SQNR_CAP_DB)
+        per = np.minimum(np.where(live, per, np.inf), SQNR_CAP_DB)
         worst = int(np.argmin(per))
         return {
             "channel_axis": self.axis,
             "channels": int(len(per)),
+            "silent_channels": int((~live).sum()),
             "sqnr_db_worst_channel": round(float(per[worst]), 3),
             "worst_channel": worst,
             "dead_channels": int(len(dead)),
