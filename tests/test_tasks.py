@@ -214,3 +214,19 @@ def test_recipe_gate_on_a_metric_its_output_cannot_report_is_rejected_at_load():
     data["gates"] = [{"metric": "boxes_matched", "output": "text", "min": 50}]
     with pytest.raises(RecipeError, match=r"gates\[0\].metric: 'boxes_matched' is not measured for output 'text'"):
         recipe_from_dict(data)
+
+
+def test_detection_channels_last_with_objectness_and_corner_boxes():
+    s = DetectionSettings(layout="channels_last", box_format="xyxy", objectness=True, box_coords=5,
+                          score_threshold=0.3)
+    # anchors x [x1, y1, x2, y2, angle (ignored), objectness, class0, class1]
+    pred = np.array([[0, 0, 10, 10, 0.3, 0.9, 0.9, 0.1],    # score 0.81, class 0
+                     [20, 20, 30, 30, 0.1, 0.4, 0.9, 0.2]],  # 0.36, class 0
+                    np.float32)
+    boxes, classes, scores = decode_detections(pred, s)
+    assert boxes.tolist() == [[0, 0, 10, 10], [20, 20, 30, 30]] and scores.tolist() == pytest.approx([0.81, 0.36])
+    dim = pred.copy()
+    dim[1, 5] = 0.2  # objectness down: 0.18, below the threshold
+    m = _stream(s, [pred[None]], [dim[None]])
+    assert (m["float_boxes"], m["quantized_boxes"], m["boxes_matched"], m["boxes_precision"]) == (2, 1, 50.0, 100.0)
+    assert m["channel_axis"] == 2
