@@ -71,7 +71,9 @@ def test_mixed_batch_isolates_failures(mixed_batch: Path, tmp_path: Path):
     assert (out / "b_gate" / "artifact" / "report.md").is_file()
     assert by_name["c_nodata"].artifact is None and by_name["d_crash"].artifact is None
     assert by_name["a_pass"].target == "xdna2" and by_name["a_pass"].format == "a8w8"
-    assert by_name["a_pass"].gates == [] and by_name["b_gate"].gate_summary == "0/1 FAIL"
+    # No recipe gate: only the default dead-channel gate of its one output, which holds.
+    assert [(g["metric"], g["default"], g["passed"]) for g in by_name["a_pass"].gates] == [("dead_channels", True, True)]
+    assert by_name["b_gate"].gate_summary == "1/2 FAIL"
     assert result.exit_code == 1  # a crash outranks everything
     assert result.counts() == {"passed": 1, "failed": 1, "error": 2}
 
