@@ -36,6 +36,8 @@ def non_finite_values(raw: object, path: str = "") -> list[str]:
 
 
 def _scalar_coercion(raw: object, value: object) -> str | None:
+    if isinstance(raw, bytes) and not isinstance(value, bytes):
+        return "is binary data (!!binary); give plain text"
     if isinstance(raw, bool) and not isinstance(value, bool) and isinstance(value, (int, float)):
         return f"{str(raw).lower()} is a boolean; give a number"
     if not isinstance(raw, bool) and isinstance(raw, (int, float, str)) and isinstance(value, bool):
