@@ -221,9 +221,9 @@ def _ours(run_dir: Path, entries: list[Path]) -> bool:
 
 def claim_run_dir(run_dir: Path) -> None:
     """Make `run_dir` a run folder, or refuse one that holds the user's own files (nothing is written)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise OutputError(f"output folder {run_dir} is a file; choose another --out or fix the recipe's output")
     try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise OutputError(f"output folder {run_dir} is a file; choose another --out or fix the recipe's output")
         run_dir.mkdir(parents=True, exist_ok=True)
         if (run_dir / MARKER).is_file():
             return

@@ -6,7 +6,6 @@ before decoding). Each limit is `pipeline.core.limits`' and hit with one DataErr
 from __future__ import annotations
 
 import math
-import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 from ..core.limits import exceeded, limit
 from ..errors import DataError
 
-__all__ = ["npz_member_sizes", "read_npz_rows", "read_text_lines", "open_image"]
+__all__ = ["npz_member_sizes", "npz_shape", "read_npz_rows", "read_text_lines", "open_image"]
 
 _CHUNK = 1 << 20
 
@@ -56,7 +55,15 @@ def read_npz_rows(path: Path, key: str, max_rows: int, where: str) -> np.ndarray
     return array
 
 
-def _read_rows(member, max_rows: int, label: str) -> np.ndarray:
+def npz_shape(path: Path, key: str) -> list[int]:
+    """The full shape of array `key` (from its .npy header; for messages about an array read in part)."""
+    with zipfile.ZipFile(path) as archive:
+        name = f"{key}.npy" if f"{key}.npy" in set(archive.namelist()) else key
+        with archive.open(name) as member:
+            return list(_header(member, key)[0])
+
+
+def _header(member, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     fmt = np.lib.format
     try:
         version = fmt.read_magic(member)
@@ -68,6 +75,11 @@ def _read_rows(member, max_rows: int, label: str) -> np.ndarray:
             raise ValueError(f"npy format version {version} (numpy writes 1.0 or 2.0)")
     except ValueError as err:
         raise DataError(f"{label} is not a readable .npy array ({err})") from None
+    return shape, fortran, dtype
+
+
+def _read_rows(member, max_rows: int, label: str) -> np.ndarray:
+    shape, fortran, dtype = _header(member, label)
     if dtype.hasobject:
         raise DataError(f"{label} cannot be read without pickle (it holds Python objects); save numbers only")
     whole = fortran or len(shape) == 0
@@ -105,13 +117,12 @@ def open_image(path: Path, where: str):
     from PIL import Image
 
     most = limit("image_pixels")
-    Image.MAX_IMAGE_PIXELS = most  # Pillow's own bomb check at the same bound (it raises at twice that)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(path)
-        except Image.DecompressionBombError:
-            raise DataError(exceeded("image_pixels", f"{where}: {path}")) from None
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # our check below, with the image's size in the message, replaces Pillow's
+    try:
+        image = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
     width, height = image.size
     if width * height > most:
         image.close()

@@ -13,7 +13,7 @@ from pydantic import Field
 from ..core.schema import StrictModel
 from ..errors import DataError
 from .base import Batch, DataKind, DataSource, OpenContext, register_data_kind
-from .limits import read_npz_rows
+from .limits import npz_shape, read_npz_rows
 
 __all__ = ["NpzData"]
 
@@ -49,7 +49,7 @@ def _open(data: NpzData, ctx: OpenContext) -> DataSource:
         arrays[spec.name] = _read_member(archive, key, path, section, max_rows=limit * batch_size)
         if arrays[spec.name].ndim == 0 or list(arrays[spec.name].shape[1:]) != spec.shape[1:]:
             raise DataError(
-                f"{section}.data: {path}: array '{key}' has shape {list(arrays[spec.name].shape)}; "
+                f"{section}.data: {path}: array '{key}' has shape {npz_shape(path, key)}; "
                 f"input '{spec.name}' needs [N, {', '.join(map(str, spec.shape[1:]))}] (sample axis first)"
             )
     unknown = sorted(set(data.arrays) - {s.name for s in inputs})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -58,6 +59,18 @@ def resolve_resource(spec: str, resolve) -> Path:
     return path
 
 
+def _sequence_length(inputs, fields, section: str) -> int:
+    """The token count every mapped input takes: shape [1, ..., 1, L], the same L for all."""
+    lengths = {spec.name: spec.shape[-1] for spec in inputs if spec.name in fields}
+    for spec in inputs:
+        if spec.name in fields and math.prod(spec.shape) != spec.shape[-1]:
+            raise DataError(f"{section}.data: input '{spec.name}' has shape {spec.shape}; text feeds one sequence "
+                            "of tokens per sample, shape [1, sequence length]")
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"{section}.data.fields: the inputs take different sequence lengths ({lengths})")
+    return next(iter(lengths.values()))
+
+
 def _load_tokenizer(tokenizer_class, path: Path, section: str):
     try:
         return tokenizer_class.from_file(str(path))
@@ -77,7 +90,7 @@ def _open(data: TextData, ctx: OpenContext) -> DataSource:
     missing = sorted(set(by_name) - set(data.fields))
     if missing:
         raise DataError(f"{section}.data.fields: no tokenizer field mapped to input(s) {', '.join(missing)}")
-    seq_len = next(iter(by_name.values())).shape[-1]
+    seq_len = _sequence_length(ctx.inputs, data.fields, section)
     tokenizer = _load_tokenizer(Tokenizer, resolve_resource(data.tokenizer, ctx.resolve), section)
     tokenizer.enable_truncation(max_length=seq_len)
     tokenizer.enable_padding(length=seq_len)
