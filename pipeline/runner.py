@@ -351,9 +351,9 @@ class Runner:
         except OSError as err:
             if err.errno not in _OUTPUT_ERRNOS:
                 raise
-            where = Path(err.filename).name if err.filename else self.ctx.run_dir
+            what = f" ({Path(err.filename).name})" if err.filename else ""
             raise OutputError(
-                f"{stage.name}: writing {where} into {self.ctx.run_dir} failed: {err.strerror} "
+                f"{stage.name}: writing into {self.ctx.run_dir} failed{what}: {err.strerror} "
                 "(free disk space, fix the folder's permissions, or choose another --out)"
             ) from None
         finally:
