@@ -101,8 +101,11 @@ def _tensor_entry(entry: object) -> bool:
 
 def _cache_dir(bundle: Path) -> str:
     """The compile cache folder vitisai_ep.json names (a plain name inside the bundle), else the default."""
+    options = bundle / "vitisai_ep.json"
+    if not options.is_file() or options.is_symlink():  # never open a FIFO or a link out of the bundle
+        return "vitisai_cache"
     try:
-        name = json.loads((bundle / "vitisai_ep.json").read_text()).get("cache_dir", "vitisai_cache")
+        name = json.loads(options.read_text()).get("cache_dir", "vitisai_cache")
     except (OSError, ValueError, AttributeError):
         name = "vitisai_cache"
     return name if _plain_name(name) else "vitisai_cache"

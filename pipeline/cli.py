@@ -291,7 +291,7 @@ def parity(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
     """An EP's outputs against the emulated NPU numerics; on failure, the first node that diverges (exit 4)."""
-    from .runner import atomic_write, dump_json
+    from .core.fileio import dump_json, write_output
     from .tools.parity import Tolerance, parity as run_parity
 
     tolerance = Tolerance(min_sqnr_db=min_sqnr, max_rel_error=max_rel_error, min_top1_agreement=min_agreement, lsb=lsb)
@@ -299,7 +299,7 @@ def parity(
                         localize=localize)
     typer.echo("\n".join(result.lines()))
     if json_out is not None:
-        atomic_write(json_out, dump_json(result.to_json()))
+        write_output(json_out, dump_json(result.to_json()), option="--json")
         typer.echo(f"written: {json_out}")
     result.raise_for_failure()
 

@@ -18,6 +18,7 @@ from ..errors import DataError
 __all__ = ["npz_member_sizes", "npz_shape", "read_npz_rows", "read_text_lines", "open_image"]
 
 _CHUNK = 1 << 20
+_CRC_CHECKED: set[tuple] = set()  # (path, size, mtime, member) whose whole member passed its CRC check
 
 
 def npz_member_sizes(path: Path, where: str) -> dict[str, int]:
@@ -46,10 +47,14 @@ def read_npz_rows(path: Path, key: str, max_rows: int, where: str) -> np.ndarray
             info = archive.getinfo(f"{key}.npy" if f"{key}.npy" in names else key)
             if info.file_size > limit("npz_member_bytes"):
                 raise DataError(exceeded("npz_member_bytes", label, info.file_size))
+            stat = Path(path).stat()
+            checked = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, info.filename)
             with archive.open(info) as member:
                 array = _read_rows(member, max_rows, label)
-                while member.read(_CHUNK):  # to the end: zipfile checks the CRC there
-                    pass
+                if checked not in _CRC_CHECKED:  # once per file version and process: stages reopen data
+                    while member.read(_CHUNK):  # to the end: zipfile checks the CRC there
+                        pass
+                    _CRC_CHECKED.add(checked)
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as err:
         raise DataError(f"{label} is damaged ({err}); rewrite the file") from None
     return array
