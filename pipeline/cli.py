@@ -109,7 +109,7 @@ for _stage, _doc in [
 @app.command()
 @_user_errors
 def check(recipes: list[Path] = typer.Argument(..., help="Recipe YAML file(s).")) -> None:
-    """Validate recipes without running them (schema, target, format, data files)."""
+    """Validate recipes without running them (schema, target, format, data files, classification labels)."""
     from .data.labels import preflight_labels
     from .errors import DataError
     from .recipe import load_recipe
