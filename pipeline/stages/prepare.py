@@ -20,7 +20,7 @@ import numpy as np
 from ..core.masks import MASK_FLOOR
 from ..core.onnx_io import load_onnx, make_session, model_opset, save_onnx, static_input_shapes
 from ..data import open_dataset
-from ..errors import ModelError, StageError
+from ..errors import DataError, ModelError, StageError
 from ..recipe import Recipe
 from ..runner import RunContext, Stage
 
@@ -275,6 +275,16 @@ def _ort_basic_optimize(source: Path, target: Path) -> None:
         raise StageError(f"prepare: onnxruntime cannot optimise the model: {err}") from None
 
 
+def _check_finite_outputs(outputs, session) -> None:
+    """Inputs that overflow float32 inside the model (3e38) give inf/NaN: a data problem, named here."""
+    for meta, value in zip(session.get_outputs(), outputs):
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise DataError(
+                f"calibration data, sample 0: the float model's output '{meta.name}' is NaN/inf on it (values "
+                "this large overflow float32 inside the model); scale the data as the model expects"
+            )
+
+
 def _compare_with_export(ctx: RunContext, exported: Path, prepared: Path) -> float:
     """Max abs difference of all outputs between the exported and the prepared model on one sample."""
     sample = next(iter(open_dataset(ctx.recipe, "calibration", limit=1)))
@@ -284,6 +294,7 @@ def _compare_with_export(ctx: RunContext, exported: Path, prepared: Path) -> flo
         want = before.run(None, feeds)
     except Exception as err:  # a model that rejects the declared inputs
         raise ModelError(f"inputs: the exported model rejects the recipe's inputs: {err}") from None
+    _check_finite_outputs(want, before)
     have = make_session(prepared, optimize=False).run(None, feeds)
     diff = max(float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0 for a, b in zip(want, have))
     # Optimizations reorder float math; beyond this the rewrite changed what the model computes.
