@@ -76,19 +76,22 @@ def clamp_mask_constants(model) -> int:
     return count
 
 
-def drop_initializer_inputs(model) -> int:
-    """Remove graph inputs that name an initializer; returns how many. Raises the IR version to what the
-    opset needs (IR < 4 required initializers to be listed as inputs)."""
+def drop_initializer_inputs(model):
+    """(model without graph inputs that name an initializer, how many were dropped), by onnx_ir's
+    RemoveInitializersFromInputsPass; the IR version is raised to what the opset needs (IR < 4 required
+    initializers to be listed as inputs). A model with none is returned as it is."""
+    import onnx_ir as ir
     from onnx import helper
+    from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
     model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(model.opset_import), True))
     init = {t.name for t in model.graph.initializer}
-    keep = [v for v in model.graph.input if v.name not in init]
-    dropped = len(model.graph.input) - len(keep)
-    if dropped:
-        del model.graph.input[:]
-        model.graph.input.extend(keep)
-    return dropped
+    dropped = sum(v.name in init for v in model.graph.input)
+    if not dropped:
+        return model, 0
+    ir_model = ir.serde.deserialize_model(model)
+    RemoveInitializersFromInputsPass()(ir_model)
+    return ir.serde.serialize_model(ir_model), dropped
 
 
 def fold_batchnorm(model) -> dict[str, int]:
@@ -221,7 +224,7 @@ class PrepareStage(Stage):
                     f"prepare: cannot convert opset {opset_before} to {recipe.export.opset}: {err}"
                 ) from None
         masks = clamp_mask_constants(model)
-        init_inputs = drop_initializer_inputs(model)
+        model, init_inputs = drop_initializer_inputs(model)
         try:
             model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
         except Exception as err:
