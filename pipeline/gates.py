@@ -67,7 +67,7 @@ def evaluate_gates(gates: list[Gate], metrics: dict, *, validation=None) -> list
     the waivers)."""
     results = []
     for index, gate in enumerate(gates):
-        name, measured = _output_metrics(metrics, gate.output, f"gates[{index}].output")
+        name, measured = _output_metrics(metrics, gate.output, f"gates.{index}.output")
         missing = measured.get("not_measured", {})
         if gate.metric in missing:
             results.append(GateResult(gate.metric, None, gate.min, gate.max, False, name, missing[gate.metric]))
@@ -77,7 +77,7 @@ def evaluate_gates(gates: list[Gate], metrics: dict, *, validation=None) -> list
                                          if isinstance(v, (int, float)) and not isinstance(v, bool)))
             task = measured.get("task") or "none"
             raise RecipeError(
-                f"gates[{index}].metric: '{gate.metric}' is not measured for output '{name}' (task {task}, "
+                f"gates.{index}.metric: '{gate.metric}' is not measured for output '{name}' (task {task}, "
                 f"{measured.get('dtype', '?')}; available: {available})"
             )
         value = float(measured[gate.metric])
@@ -119,7 +119,7 @@ def check_outputs(gates: list[Gate], validation, names: list[str], *, where: str
     problems = []
     named = [*validation.outputs, *([validation.output] if validation.output else [])]
     problems += [f"validation: the model has no output '{n}'" for n in dict.fromkeys(named) if n not in names]
-    problems += [f"gates[{i}].output: the model has no output '{g.output}'"
+    problems += [f"gates.{i}.output: the model has no output '{g.output}'"
                  for i, g in enumerate(gates) if g.output is not None and g.output not in names]
     if not problems:
         plan = plan_outputs(names, **validation.plan_arguments())
@@ -128,8 +128,8 @@ def check_outputs(gates: list[Gate], validation, names: list[str], *, where: str
             allowed = known_metrics(settings.task) if settings is not None else GENERIC_METRICS
             if gate.metric not in allowed:
                 task = settings.task if settings is not None else "none (generic metrics)"
-                problems.append(f"gates[{i}].metric: '{gate.metric}' is not measured for output "
-                                f"'{gate.output or plan.task_output}' (task {task})")
+                problems.append(f"gates.{i}.metric: '{gate.metric}' is not measured for task '{task}' (output "
+                                f"'{gate.output or plan.task_output}')")
     if problems:
         raise RecipeError(f"{where}: " + "; ".join(problems) + f" (the model's outputs: {', '.join(names)})")
 

@@ -12,13 +12,15 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-import yaml
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from .core.formats import Format
 from .core.schema import StrictModel as _Strict
-from .core.tasks import task_kinds, task_schemas
-from .core.tasks.gatespec import Gate, check_gates_measurable
+from .core.limits import exceeded, limit
+from .core.schema import coerced_values, non_finite_values
+from .core.tasks import task_kinds
+from .core.tasks.spec import Gate, OutputsSpec, gate_problems
+from .core.yaml_io import load_yaml
 from .data import data_kinds, dataset_schemas
 from .errors import RecipeError
 from .quant.guard import GuardConfig
@@ -36,7 +38,6 @@ __all__ = [
     "TransformStep",
     "Gate",
     "ValidationSettings",
-    "check_gates_measurable",
     "load_recipe",
     "recipe_from_dict",
 ]
@@ -96,61 +97,12 @@ class CalibrationSettings(_Strict):
     percentile: Annotated[float, Field(gt=50, le=100)] = 99.999
 
 
-def _known_task(name: str) -> str:
-    if name not in task_kinds():
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(task_kinds())}")
-    return name
-
-
-# Per-output validation settings: one schema per registered task (`pipeline.core.tasks`), told apart by `task`.
-OutputTask = Annotated[Union[task_schemas()], Field(discriminator="task")]
-
-
-class ValidationSettings(_Strict):
-    """How the quantized model is judged against the float one, per output (README: Validation)."""
+class ValidationSettings(OutputsSpec):
+    """The validation data, and per output its task (`OutputsSpec`: task, output, outputs,
+    allow_dead_channels; README: Validation)."""
 
     data: Dataset
     samples: Annotated[int, Field(ge=1)] = 200
-    # Task of the task output (the output gates without `output:` read). Legacy spelling of
-    # `outputs: {<output>: {task: ...}}`; kept so old recipes keep their metric names and gates.
-    task: Annotated[str, AfterValidator(_known_task)] = "classification"
-    # Which model output is the task output (default: the model's first when `task` is given, else the
-    # first of `outputs`, else the model's first).
-    output: str | None = None
-    # Per output: its task and the task's settings. Outputs not named get the generic metrics of their
-    # dtype (SQNR, worst channel, dead channels; exact agreement for integer outputs).
-    outputs: dict[str, OutputTask] = Field(default_factory=dict)
-    # A reason: waives the default dead-channel gate for every output (per output: allow_dead_channels).
-    allow_dead_channels: str | None = Field(default=None, min_length=3)
-
-    @model_validator(mode="after")
-    def _one_task_per_output(self) -> "ValidationSettings":
-        name = self.task_output_name()
-        declared = self.outputs.get(name) if name is not None else None
-        if declared is not None and "task" in self.model_fields_set and declared.task != self.task:
-            raise ValueError(f"task '{self.task}' and outputs.{name}.task '{declared.task}' disagree "
-                             f"(give the task once, in outputs.{name})")
-        return self
-
-    def task_output_name(self) -> str | None:
-        """The task output's name when the recipe says it (None: the model's first output)."""
-        if self.output is not None or "task" in self.model_fields_set:
-            return self.output
-        return next(iter(self.outputs), None)
-
-    def plan_arguments(self) -> dict:
-        """What `pipeline.core.tasks.plan_outputs` needs besides the model's output names."""
-        return {"declared": dict(self.outputs), "output": self.task_output_name(), "task": self.task,
-                "task_given": "task" in self.model_fields_set}
-
-    def task_of(self, output: str | None) -> str | None:
-        """The task of `output` (None: the task output) when the recipe alone says it; None if unknown."""
-        task_output = self.task_output_name()
-        if output is None or output == task_output:
-            declared = self.outputs.get(task_output) if task_output is not None else None
-            return declared.task if declared is not None else self.task
-        declared = self.outputs.get(output)
-        return declared.task if declared is not None else None
 
 
 class FallbackSettings(_Strict):
@@ -261,8 +213,16 @@ class QuantizationSettings(_Strict):
         return steps
 
 
+def _gate_problems(recipe: "Recipe") -> list[str]:
+    """Gates on metrics their output's task never measures: found at load, not after every stage ran."""
+    data = recipe.validation.data
+    has_labels = getattr(data, "labels") is not None if "labels" in type(data).model_fields else None
+    return gate_problems(list(recipe.gates), recipe.validation, has_labels=has_labels)
+
+
 class Recipe(_Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    # A folder and file name on every filesystem (batch writes <name>.json next to temporary siblings).
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)]
     description: str = ""
     model: ModelSource
     inputs: list[InputSpec] = Field(min_length=1)
@@ -274,15 +234,6 @@ class Recipe(_Strict):
     output: Path | None = None
     # Folder the recipe file lives in; relative paths resolve against it. Set by the loader.
     base_dir: Path = Field(default=Path("."), exclude=True)
-
-    @field_validator("gates")
-    @classmethod
-    def _gates_measurable(cls, gates: list[Gate], info) -> list[Gate]:
-        validation = info.data.get("validation")  # absent when the validation section itself is invalid
-        problems = check_gates_measurable(gates, validation) if validation is not None else []
-        if problems:
-            raise ValueError("; ".join(problems))
-        return gates
 
     @field_validator("inputs")
     @classmethod
@@ -325,10 +276,10 @@ class Recipe(_Strict):
         return hashlib.sha256(self.section_json(*self.model_fields_set).encode()).hexdigest()
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def _format_errors(source: str, err: ValidationError | None, extra: list[str] = ()) -> str:
     lines = []
     kinds, tasks = set(data_kinds()), set(task_kinds())
-    for e in err.errors():
+    for e in err.errors() if err is not None else ():
         # pydantic puts the data kind's tag after `data` in the path (calibration.data.npz.path), and the
         # task's after an output's name (validation.outputs.y.detection.nms_iou): drop them.
         parts = e["loc"]
@@ -344,12 +295,15 @@ def _format_errors(source: str, err: ValidationError) -> str:
             msg = str(e["ctx"]["error"])  # our own message, without pydantic's "Value error, " prefix
         elif e["type"] in ("enum", "literal_error"):
             msg = f"{msg}; got {e['input']!r}"
+        elif e["type"] == "finite_number":
+            msg = f"{e['input']} is not a finite number (a recipe takes no NaN or infinity)"
         elif e["type"] in ("union_tag_not_found", "union_tag_invalid"):  # a data kind's `kind`, an output's `task`
             key = e["ctx"]["discriminator"].strip("'")
             known = ", ".join(task_kinds()) if key == "task" else ", ".join(data_kinds())
             got = f"unknown {key} {e['ctx']['tag']!r}" if e["type"] == "union_tag_invalid" else f"'{key}' is missing"
             msg = f"{got}; give one of: {known}"
         lines.append(f"  {loc or '<top>'}: {msg}")
+    lines += [f"  {line}" for line in extra if f"  {line}" not in lines]
     n = len(lines)
     if n == 1:  # one problem, one line
         return f"{source}: {lines[0].strip()}"
@@ -357,12 +311,21 @@ def _format_errors(source: str, err: ValidationError) -> str:
 
 
 def recipe_from_dict(data: object, *, source: str = "<recipe>", base_dir: Path = Path(".")) -> Recipe:
+    """Validate plain data as a recipe: the schema, then what lax validation lets through (NaN and
+    infinity, booleans and quoted numbers taken for numbers) and gates the task cannot measure."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}")
+    if "base_dir" in data:
+        raise RecipeError(f"{source}: base_dir: unknown key (remove it)")
+    problems = non_finite_values(data)
     try:
-        return Recipe.model_validate({**data, "base_dir": base_dir})
+        recipe = Recipe.model_validate({**data, "base_dir": base_dir})
     except ValidationError as err:
-        raise RecipeError(_format_errors(source, err)) from None
+        raise RecipeError(_format_errors(source, err, problems)) from None
+    problems += coerced_values(data, recipe) + _gate_problems(recipe)
+    if problems:
+        raise RecipeError(_format_errors(source, None, problems))
+    return recipe
 
 
 def load_recipe(path: Path | str) -> Recipe:
@@ -370,13 +333,12 @@ def load_recipe(path: Path | str) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found (list the shipped ones with 'npu-pipeline recipes')")
+    size = path.stat().st_size
+    if size > limit("recipe_bytes"):  # before reading it: a recipe is kilobytes
+        raise RecipeError(exceeded("recipe_bytes", str(path), size))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        mark = getattr(err, "problem_mark", None)  # where the parser gave up: the line to look at
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise RecipeError(f"{path}: not valid YAML: {where}{problem}") from None
-    if "base_dir" in (data or {}) if isinstance(data, dict) else False:
-        raise RecipeError(f"{path}: base_dir: unknown key (remove it)")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: not readable UTF-8 text ({err})") from None
+    data = load_yaml(text, source=str(path), error=RecipeError)
     return recipe_from_dict(data, source=str(path), base_dir=path.resolve().parent)

@@ -255,7 +255,7 @@ def test_every_output_by_name_integer_exact_classes_per_position_gates_per_outpu
 def test_gate_on_a_missing_output_is_rejected_by_check_and_before_validation_runs(tmp_path: Path):
     recipe = _seqcls(tmp_path, [{"metric": "sqnr_db", "output": "boxes", "min": 20.0}])
     result = runner.invoke(app, ["check", str(recipe)])
-    assert result.exit_code == 2 and "gates[0].output: the model has no output 'boxes'" in result.output
+    assert result.exit_code == 2 and "gates.0.output: the model has no output 'boxes'" in result.output
     assert "logits, label, score2" in result.output
     code, output = _run(recipe)
     assert code == 2 and "no output 'boxes'" in output
@@ -270,4 +270,4 @@ def test_gate_metric_the_output_cannot_report_is_rejected_by_check(tmp_path: Pat
     recipe = _seqcls(tmp_path, [{"metric": "boxes_matched", "min": 50.0}],
                      outputs={"logits": {"task": "classification"}})
     result = runner.invoke(app, ["check", str(recipe)])
-    assert result.exit_code == 2 and "'boxes_matched' is not measured for the task output" in result.output
+    assert result.exit_code == 2 and "'boxes_matched' is not measured for task 'classification' (the task output" in result.output

@@ -212,7 +212,7 @@ def test_recipe_output_errors_name_the_field(change, fragment):
 def test_recipe_gate_on_a_metric_its_output_cannot_report_is_rejected_at_load():
     data = _recipe(outputs={"text": {"task": "ctc"}})
     data["gates"] = [{"metric": "boxes_matched", "output": "text", "min": 50}]
-    with pytest.raises(RecipeError, match=r"gates\[0\].metric: 'boxes_matched' is not measured for output 'text'"):
+    with pytest.raises(RecipeError, match=r"gates.0.metric: 'boxes_matched' is not measured for task 'ctc' \(output 'text'"):
         recipe_from_dict(data)
 
 

@@ -13,6 +13,7 @@ from pydantic import Field
 from ..core.schema import StrictModel
 from ..errors import DataError
 from .base import Batch, DataKind, DataSource, OpenContext, register_data_kind
+from .limits import npz_shape, read_npz_rows
 
 __all__ = ["NpzData"]
 
@@ -45,10 +46,10 @@ def _open(data: NpzData, ctx: OpenContext) -> DataSource:
                 f"{section}.data: {path} has no array '{key}' for input '{spec.name}' "
                 f"(it has: {', '.join(sorted(keys)) or 'nothing'}); set data.arrays.{spec.name}"
             )
-        arrays[spec.name] = _read_member(archive, key, path, section)
+        arrays[spec.name] = _read_member(archive, key, path, section, max_rows=limit * batch_size)
         if arrays[spec.name].ndim == 0 or list(arrays[spec.name].shape[1:]) != spec.shape[1:]:
             raise DataError(
-                f"{section}.data: {path}: array '{key}' has shape {list(arrays[spec.name].shape)}; "
+                f"{section}.data: {path}: array '{key}' has shape {npz_shape(path, key)}; "
                 f"input '{spec.name}' needs [N, {', '.join(map(str, spec.shape[1:]))}] (sample axis first)"
             )
     unknown = sorted(set(data.arrays) - {s.name for s in inputs})
@@ -59,7 +60,7 @@ def _open(data: NpzData, ctx: OpenContext) -> DataSource:
     if data.labels is not None:
         if data.labels not in keys:
             raise DataError(f"{section}.data.labels: {path} has no array '{data.labels}'")
-        labels = np.asarray(_read_member(archive, data.labels, path, section))
+        labels = np.asarray(_read_member(archive, data.labels, path, section, max_rows=limit * batch_size))
     count = min(limit, total // batch_size)
     if count == 0:
         raise DataError(f"{section}.data: {path} holds no samples (need at least {batch_size})")
@@ -79,13 +80,9 @@ def _open(data: NpzData, ctx: OpenContext) -> DataSource:
     return DataSource(f"{path.name}", inputs, count, batches, labels)
 
 
-def _read_member(archive, key: str, path: Path, section: str) -> np.ndarray:
-    try:
-        return archive[key]
-    except ValueError as err:  # object arrays need pickle: refused
-        raise DataError(f"{section}.data: {path}: array '{key}' cannot be read without pickle ({err})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as err:  # a damaged member (bad CRC, cut short)
-        raise DataError(f"{section}.data: {path}: array '{key}' is damaged ({err}); rewrite the file") from None
+def _read_member(archive, key: str, path: Path, section: str, *, max_rows: int) -> np.ndarray:
+    """The first `max_rows` rows of array `key`: bounded by the member size limit, the rest never held."""
+    return read_npz_rows(path, key, max_rows, f"{section}.data: {path}")
 
 
 register_data_kind(DataKind("npz", NpzData, _open))

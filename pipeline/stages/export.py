@@ -92,9 +92,28 @@ class ExportStage(Stage):
             source = recipe.resolve(recipe.model.onnx)
             model = load_onnx(source, where="model.onnx")
             _check_input_names(model, recipe, source)
+            _check_op_domains(model, source)
             shutil.copyfile(source, target)
             return {"source": "onnx", "opset": model_opset(model)}
         return _export_builder(recipe, target)
+
+
+# Operator domains onnxruntime's CPU EP implements; anything else is a custom op it cannot load.
+_RUNTIME_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+
+
+def _check_op_domains(model, where: Path) -> None:
+    """Custom-domain ops (no kernel here) fail now, naming the user's file, not a scratch copy later."""
+    local = {(f.domain, f.name) for f in model.functions}  # model-local functions are inlined: fine
+    unknown = [n for n in model.graph.node if n.domain not in _RUNTIME_DOMAINS and (n.domain, n.op_type) not in local]
+    if unknown:
+        node = unknown[0]
+        ops = sorted({f"{n.domain}:{n.op_type}" for n in unknown})
+        raise ModelError(
+            f"model.onnx: {where}: node '{node.name or node.op_type}' uses {node.domain}:{node.op_type}, a custom "
+            f"operator onnxruntime has no kernel for ({len(unknown)} node(s): {', '.join(ops[:5])}); export the "
+            "model with standard ONNX operators"
+        )
 
 
 def _check_input_names(model, recipe: Recipe, where: Path) -> None:

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..core.fileio import atomic_write, dump_json
 from ..core.formats import Format
 from ..core.onnx_io import load_onnx, make_session
 from ..core.tasks import plan_outputs
 from ..data import dataset_fingerprint, open_dataset
+from ..data.labels import check_class_labels
+from ..errors import DataError
 from ..gates import check_outputs
 from ..quant.layer_error import layer_error_report
 from ..runner import RunContext, Stage
@@ -70,6 +74,7 @@ class ValidateStage(Stage):
         bar = tqdm(data, total=len(data), desc="validate", unit="sample", disable=not ctx.progress, leave=False)
         for batch in bar:
             ref = float_session.run(None, batch)
+            _check_finite(names, ref, runs, data.description)
             for name, r, g in zip(names, ref, npu_session.run(None, batch)):
                 npu[name].update(r, g)
             if cpu is not None:
@@ -77,6 +82,8 @@ class ValidateStage(Stage):
                     cpu[name].update(r, c)
             runs += 1
         labels = data.labels
+        if labels is not None and plan.task == "classification":
+            labels = _checked_labels(labels, npu[plan.task_output], f"validation.data.labels ({data.description})")
         outputs = {n: e.result(labels if n == plan.task_output else None) for n, e in npu.items()}
         metrics = {
             "samples": runs,
@@ -93,6 +100,27 @@ class ValidateStage(Stage):
         atomic_write(out / "metrics.json", dump_json(metrics))
         _write_layer_errors(ctx, out, quantized, bf16=fmt is Format.BF16)
         return metrics
+
+
+def _check_finite(names: list[str], outputs: list, sample: int, description: str) -> None:
+    for name, value in zip(names, outputs):
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise DataError(f"validation data ({description}), sample {sample}: the float model's output '{name}' "
+                            "is NaN/inf (the input overflows float32 inside the model); fix the data")
+
+
+def _checked_labels(labels, evaluator, where: str) -> np.ndarray:
+    """Class labels checked against the task output: one per predicted position, each below the class count."""
+    shape, axis = evaluator.shape, getattr(evaluator.task, "axis", None)
+    classes = None if evaluator.integer or axis is None else shape[axis]
+    positions = int(np.prod(shape[1:])) // (classes or 1)
+    if positions <= 1:
+        return check_class_labels(labels, where, classes=classes)
+    array = np.asarray(labels)
+    if array.ndim < 2 or int(np.prod(array.shape[1:])) != positions:
+        raise DataError(f"{where}: labels have shape {list(array.shape)}; the task output predicts {positions} "
+                        f"positions per sample: give [N, {positions}] class indices")
+    return check_class_labels(array.reshape(-1), where, classes=classes)
 
 
 LAYER_ERROR_SAMPLES = 16  # per-layer SQNR: a ranking, so a few samples do
