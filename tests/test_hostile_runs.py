@@ -149,7 +149,10 @@ def test_batch_kills_children_a_finished_worker_left_behind(tiny_cnn_recipe, tmp
         "def make():\n"
         f"    child = subprocess.Popen(['sleep', '300'], stdout=subprocess.DEVNULL)\n"
         f"    open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
-        "    return [{'x': np.zeros((1, 1, 8, 8), np.float32)} for _ in range(4)]\n"
+        # Real values: calibrated on zeros, every output channel would be quantized to a constant (the
+        # dead-channel gate fails that run, rightly).
+        "    rng = np.random.default_rng(0)\n"
+        "    return [{'x': rng.standard_normal((1, 1, 8, 8)).astype(np.float32)} for _ in range(4)]\n"
     )
     monkeypatch.setenv("PYTHONPATH", f"{base.parent}{os.pathsep}{ROOT}")
     recipe = _variant(base, "leaky", calibration={"data": {"kind": "builder", "builder": "leaky_data:make"}, "samples": 4})
