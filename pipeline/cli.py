@@ -62,14 +62,14 @@ def run(
     from .api import run_recipe
     from .gates import raise_for_failures
     from .recipe import load_recipe
-    from .report import OUTPUT_HEADER, accuracy_rows, format_table, output_rows
+    from .report import OUTPUT_HEADER, accuracy_header, accuracy_rows, format_table, output_rows
 
     spec = load_recipe(recipe)
     typer.echo(f"{spec.name}: {spec.output_dir(out)}")
     result = run_recipe(spec, out=out, force=force, progress=not quiet, on_stage=_echo_stage, check_gates=False,
                         sign_key=sign_key)
     typer.echo("")
-    typer.echo(format_table(("metric", "NPU (emulated)", "CPU EP"), accuracy_rows(result.metrics)))
+    typer.echo(format_table(accuracy_header(result.metrics), accuracy_rows(result.metrics)))
     if len(result.metrics.get("outputs", {})) > 1:  # every output by name, not only the task output
         typer.echo("\n" + format_table(OUTPUT_HEADER, [tuple(c.replace("**", "") for c in row)
                                                        for row in output_rows(result.metrics)]))

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .markdown import accuracy_rows, format_value  # one number format for report.md and report.html
+from .markdown import accuracy_header, accuracy_rows, format_value  # one number format for report.md and report.html
 from .outputs import GATE_HEADER, GUARD_HEADER, OUTPUT_HEADER, gate_rows, guard_rows, output_rows
 
 __all__ = ["render_html", "worst_histograms", "histogram_series", "svg_scatter", "svg_bars", "svg_histogram"]
@@ -228,7 +228,7 @@ def _accuracy(manifest: dict, metrics: dict) -> list[str]:
     out = ["<h2>Accuracy</h2>",
            f"<p>Validated on {_e(metrics.get('samples'))} held-out samples ({_e(metrics.get('task'))}). "
            f"NPU column: {_e(metrics.get('numerics', ''))}. CPU EP: onnxruntime's fused kernels.</p>",
-           _table(("metric", "NPU (emulated)", "CPU EP"), rows)]
+           _table(accuracy_header(metrics), rows)]
     cell = lambda c: '<span class="fail">FAIL</span>' if c == "**FAIL**" else _e(c.replace("**", ""))  # noqa: E731
     if manifest.get("gates"):
         out += ["<h2>Gates</h2>", _table(GATE_HEADER, [tuple(map(cell, r)) for r in gate_rows(manifest["gates"])])]

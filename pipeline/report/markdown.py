@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .outputs import GATE_HEADER, GUARD_HEADER, OUTPUT_HEADER, gate_rows, guard_rows, output_rows
 
-__all__ = ["render_markdown", "accuracy_rows", "format_table", "format_value"]
+__all__ = ["render_markdown", "accuracy_header", "accuracy_rows", "format_table", "format_value"]
 
 _ROWS = [
     ("accuracy_float", "float accuracy (%)"),
@@ -41,6 +41,13 @@ def format_value(value) -> str:
 
 def _share(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def accuracy_header(metrics: dict) -> tuple[str, str, str]:
+    """The accuracy table's columns; the CPU-EP one says when it covers fewer samples than validation."""
+    cpu = metrics.get("cpu_ep", {})
+    subset = cpu.get("samples") is not None and cpu["samples"] < metrics.get("samples", 0)
+    return ("metric", "NPU (emulated)", f"CPU EP (first {cpu['samples']} samples)" if subset else "CPU EP")
 
 
 def accuracy_rows(metrics: dict) -> list[tuple[str, str, str]]:
@@ -86,7 +93,7 @@ def render_markdown(
         "",
         "## Accuracy",
         "",
-        format_table(("metric", "NPU (emulated)", "CPU EP"), accuracy_rows(metrics), markdown=True),
+        format_table(accuracy_header(metrics), accuracy_rows(metrics), markdown=True),
         "",
         "## Gates",
         "",
