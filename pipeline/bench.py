@@ -31,7 +31,7 @@ def _child(mode: str, model_path: Path, n: int, recipe_path: Path, method: str) 
     from .recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    data = open_dataset(recipe, "calibration", limit=n)
+    data = open_dataset(recipe, "calibration", limit=n, state_model=model_path)
     batches = list(data)  # tokenise up front: both modes time the model only
     model = load_onnx(model_path)
     start = time.perf_counter()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
 
 import yaml
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator, model_validator
@@ -70,9 +72,76 @@ DType = Literal["float32", "float16", "int64", "int32", "int8", "uint8", "bool"]
 
 
 class InputSpec(_Strict):
+    """One model input: its static shape and dtype, and where its values come from.
+
+    By default from the data sets. `value:` makes it a constant (a number, or nested lists of the input's
+    shape; a single number fills the shape), folded into the graph by prepare: no data needed, and the
+    artifact no longer has that input. `from_output:` makes it a recurrent state: sample i gets the float
+    model's output of that name from sample i-1 (`initial` for the first sample of each sequence; a
+    sequence restarts every `reset_every` samples and where the data kind starts a new file).
+    `shape: []` is a scalar (rank 0). `batch: false` says dim 0 is not a batch axis (in an npz, such an
+    input's array must then carry the samples on an extra leading axis).
+    """
+
     name: str
-    shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    shape: list[Annotated[int, Field(ge=1)]]
     dtype: DType = "float32"
+    # Whether dim 0 is a batch axis. Default: yes for data inputs of rank >= 1, no for scalars, constants
+    # and recurrent states.
+    batch: bool | None = None
+    value: Any = None
+    from_output: str | None = None
+    initial: float = 0.0
+    reset_every: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _source(self) -> "InputSpec":
+        if self.value is not None and self.from_output is not None:
+            raise ValueError(f"input '{self.name}': give 'value' (a constant) or 'from_output' (a state), not both")
+        if self.batch and not self.shape:
+            raise ValueError(f"input '{self.name}': a scalar (shape: []) has no batch axis; remove 'batch: true'")
+        if self.from_output is None and ("initial" in self.model_fields_set or self.reset_every is not None):
+            raise ValueError(f"input '{self.name}': 'initial' and 'reset_every' only apply with 'from_output'")
+        if self.value is not None:
+            self.constant_array()  # raises ValueError with the reason
+        return self
+
+    @property
+    def is_constant(self) -> bool:
+        return self.value is not None
+
+    @property
+    def is_state(self) -> bool:
+        return self.from_output is not None
+
+    @property
+    def from_data(self) -> bool:
+        return not (self.is_constant or self.is_state)
+
+    @property
+    def has_batch(self) -> bool:
+        if self.batch is not None:
+            return self.batch
+        return bool(self.shape) and self.from_data
+
+    def constant_array(self) -> np.ndarray:
+        """`value` as an array of the declared shape and dtype (a single number fills the shape)."""
+        try:
+            array = np.asarray(self.value)
+            if array.dtype.kind not in "biuf":
+                raise ValueError("not a number")
+            cast = array.astype(self.dtype)
+        except (ValueError, TypeError, OverflowError) as err:
+            raise ValueError(f"input '{self.name}': value must be a number or nested lists of numbers ({err})") from None
+        if cast.dtype.kind == "f" and not np.isfinite(cast).all():
+            raise ValueError(f"input '{self.name}': value holds NaN/inf")
+        if np.dtype(self.dtype).kind in "iu" and not np.array_equal(cast, array):
+            raise ValueError(f"input '{self.name}': value {self.value!r} is not a whole number for dtype {self.dtype}")
+        if cast.ndim == 0:
+            return np.full(self.shape, cast, dtype=self.dtype)
+        if list(cast.shape) != list(self.shape):
+            raise ValueError(f"input '{self.name}': value has shape {list(cast.shape)}, the input declares {self.shape}")
+        return cast
 
 
 # The data kinds registered in `pipeline.data` (npz, text, images, ...), told apart by `kind`.
@@ -252,7 +321,32 @@ class Recipe(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"input names must be unique; repeated: {', '.join(dupes)}")
+        if not any(i.from_data for i in inputs):
+            raise ValueError("every input is a constant (value) or a state (from_output); at least one must come from data")
         return inputs
+
+    @model_validator(mode="after")
+    def _one_split(self) -> "Recipe":
+        """Both sections reading one source with `split` must split it the same way, or they may overlap."""
+        source = {"kind", "path", "builder", "args"}  # what names the samples (not how they are preprocessed)
+        cal, val = self.calibration.data.model_dump(include=source), self.validation.data.model_dump(include=source)
+        cal_split, val_split = getattr(self.calibration.data, "split", None), getattr(self.validation.data, "split", None)
+        if cal == val and cal_split != val_split:
+            raise ValueError(
+                "calibration.data and validation.data read the same source with different 'split' settings; "
+                "give both the same split (e.g. split: {seed: 0, validation: 0.3}) so the two parts are disjoint"
+            )
+        return self
+
+    def data_inputs(self) -> list[InputSpec]:
+        """The inputs the data sets feed (neither constants nor recurrent states)."""
+        return [i for i in self.inputs if i.from_data]
+
+    def state_inputs(self) -> list[InputSpec]:
+        return [i for i in self.inputs if i.is_state]
+
+    def constant_inputs(self) -> list[InputSpec]:
+        return [i for i in self.inputs if i.is_constant]
 
     def target_and_format(self):
         """The `Target` and the `Format` the recipe asks for (the target's default when none is given)."""

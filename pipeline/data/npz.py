@@ -1,4 +1,12 @@
-"""Data kind `npz`: arrays in a .npz file, sample axis first, read without pickle, memory-mapped."""
+"""Data kind `npz`: arrays in a .npz file, read without pickle, memory-mapped.
+
+One rule says where the samples are, per array, from its rank against the input's declared shape:
+- one more dimension than the input: the samples come first, each `array[i]` is one sample of exactly the
+  input's shape (`[N, 2, 1, 128]` for a state `[2, 1, 128]`, `[N]` for a scalar, `[N, 1, 3, 224, 224]`);
+- the same rank: dim 0 is the input's batch axis and the samples are stacked along it (`[N, 3, 224, 224]`
+  for `[1, 3, 224, 224]`; a batch of B takes B rows per sample). Not allowed for an input without a batch
+  axis (`batch: false`, scalars), whose dim 0 means something else.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +20,36 @@ from pydantic import Field
 
 from ..core.schema import StrictModel
 from ..errors import DataError
-from .base import Batch, DataKind, DataSource, OpenContext, register_data_kind
+from .base import Batch, DataKind, DataSource, OpenContext, SplitSettings, register_data_kind, split_part
 
-__all__ = ["NpzData"]
+__all__ = ["NpzData", "samples_view"]
 
 
 class NpzData(StrictModel):
-    """Arrays in a .npz file, sample axis first. `arrays` maps model input name -> array key."""
+    """Arrays in a .npz file (see the module docstring for the sample axis). `arrays` maps model input
+    name -> array key; `labels` names an integer label array (one label per model output row)."""
 
     kind: Literal["npz"]
     path: Path
     arrays: dict[str, str] = Field(default_factory=dict)
     labels: str | None = None
+    split: SplitSettings | None = None
+
+
+def samples_view(array: np.ndarray, spec, *, where: str) -> tuple[int, callable]:
+    """(number of samples, function index -> that sample) for one input, by the module's rule."""
+    shape = list(spec.shape)
+    if array.ndim == len(shape) + 1 and list(array.shape[1:]) == shape:
+        return array.shape[0], lambda i: np.ascontiguousarray(array[i])
+    batched = getattr(spec, "has_batch", bool(shape))
+    if batched and shape and array.ndim == len(shape) and list(array.shape[1:]) == shape[1:]:
+        rows = shape[0]
+        return array.shape[0] // rows, lambda i: np.ascontiguousarray(array[i * rows : (i + 1) * rows])
+    stacked = f" or [N*{shape[0]}, {', '.join(map(str, shape[1:]))}] (samples stacked on the batch axis)" if batched and shape else ""
+    raise DataError(
+        f"{where} has shape {list(array.shape)}; input '{spec.name}' {shape} needs "
+        f"[N{''.join(', ' + str(d) for d in shape)}] (samples first){stacked}"
+    )
 
 
 def _open(data: NpzData, ctx: OpenContext) -> DataSource:
@@ -36,8 +62,10 @@ def _open(data: NpzData, ctx: OpenContext) -> DataSource:
         keys = set(archive.files)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise DataError(f"{section}.data.path: {path} is not a readable .npz file ({err})") from None
-    batch_size = inputs[0].shape[0]
-    arrays: dict[str, np.ndarray] = {}
+    unknown = sorted(set(data.arrays) - {s.name for s in inputs})
+    if unknown:
+        raise DataError(f"{section}.data.arrays: {', '.join(unknown)} are not inputs fed by data")
+    views = {}
     for spec in inputs:
         key = data.arrays.get(spec.name, spec.name)
         if key not in keys:
@@ -45,38 +73,32 @@ def _open(data: NpzData, ctx: OpenContext) -> DataSource:
                 f"{section}.data: {path} has no array '{key}' for input '{spec.name}' "
                 f"(it has: {', '.join(sorted(keys)) or 'nothing'}); set data.arrays.{spec.name}"
             )
-        arrays[spec.name] = _read_member(archive, key, path, section)
-        if arrays[spec.name].ndim == 0 or list(arrays[spec.name].shape[1:]) != spec.shape[1:]:
-            raise DataError(
-                f"{section}.data: {path}: array '{key}' has shape {list(arrays[spec.name].shape)}; "
-                f"input '{spec.name}' needs [N, {', '.join(map(str, spec.shape[1:]))}] (sample axis first)"
-            )
-    unknown = sorted(set(data.arrays) - {s.name for s in inputs})
-    if unknown:
-        raise DataError(f"{section}.data.arrays: {', '.join(unknown)} are not model inputs")
-    total = min(len(a) for a in arrays.values())
+        views[spec.name] = samples_view(_read_member(archive, key, path, section), spec,
+                                        where=f"{section}.data: {path}: array '{key}'")
+    total = min(n for n, _ in views.values())
+    # Labels are per model output row: a batch of B rows per sample takes B labels.
+    rows = next((s.shape[0] for s in inputs if s.has_batch), 1)
+    chosen = split_part(total, data.split, section)[:limit]
+    if not chosen:
+        need = f"at least {rows} rows" if rows > 1 else "at least one sample"
+        raise DataError(f"{section}.data: {path} holds no samples (need {need})")
     labels = None
     if data.labels is not None:
         if data.labels not in keys:
             raise DataError(f"{section}.data.labels: {path} has no array '{data.labels}'")
-        labels = np.asarray(_read_member(archive, data.labels, path, section))
-    count = min(limit, total // batch_size)
-    if count == 0:
-        raise DataError(f"{section}.data: {path} holds no samples (need at least {batch_size})")
-    if labels is not None and (labels.ndim == 0 or len(labels) < count * batch_size):
-        raise DataError(
-            f"{section}.data.labels: {path}: array '{data.labels}' holds {labels.size if labels.ndim else 0} labels "
-            f"for {count * batch_size} samples (one label per sample, sample axis first)"
-        )
+        table = np.asarray(_read_member(archive, data.labels, path, section))
+        if table.ndim == 0 or len(table) < (chosen[-1] + 1) * rows:
+            raise DataError(
+                f"{section}.data.labels: {path}: array '{data.labels}' holds {table.size if table.ndim else 0} labels "
+                f"for {(chosen[-1] + 1) * rows} samples (one label per sample, sample axis first)"
+            )
+        labels = np.concatenate([table[i * rows : (i + 1) * rows] for i in chosen])
 
     def batches() -> Iterator[Batch]:
-        for i in range(count):
-            rows = slice(i * batch_size, (i + 1) * batch_size)
-            yield {name: np.ascontiguousarray(a[rows]) for name, a in arrays.items()}
+        for i in chosen:
+            yield {name: take(i) for name, (_, take) in views.items()}
 
-    if labels is not None:
-        labels = labels[: count * batch_size]
-    return DataSource(f"{path.name}", inputs, count, batches, labels)
+    return DataSource(f"{path.name}", inputs, len(chosen), batches, labels)
 
 
 def _read_member(archive, key: str, path: Path, section: str) -> np.ndarray:

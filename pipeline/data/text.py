@@ -12,7 +12,7 @@ from pydantic import Field
 
 from ..core.schema import StrictModel
 from ..errors import DataError
-from .base import Batch, DataKind, DataSource, OpenContext, register_data_kind
+from .base import Batch, DataKind, DataSource, OpenContext, SplitSettings, register_data_kind, split_part
 
 __all__ = ["TextData", "resolve_resource"]
 
@@ -30,6 +30,7 @@ class TextData(StrictModel):
     fields: dict[str, Literal["input_ids", "attention_mask", "token_type_ids"]] = Field(
         default_factory=lambda: {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     )
+    split: SplitSettings | None = None
 
 
 def resolve_resource(spec: str, resolve) -> Path:
@@ -70,7 +71,7 @@ def _open(data: TextData, ctx: OpenContext) -> DataSource:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise DataError(f"{section}.data.path: {path} holds no sentences")
-    lines = lines[:limit]
+    lines = [lines[i] for i in split_part(len(lines), data.split, section, unit="line")][:limit]
 
     def batches() -> Iterator[Batch]:
         for line in lines:

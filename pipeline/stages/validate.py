@@ -55,7 +55,7 @@ class ValidateStage(Stage):
         if task_output not in names:
             raise StageError(f"validation.output: the model has no output '{task_output}' (it has {names})")
         task_index = names.index(task_output)
-        data = open_dataset(recipe, "validation")
+        data = open_dataset(recipe, "validation", state_model=ctx.require("prepare", "model.onnx"))
         npu_acc = {n: OutputAccumulator() for n in names}
         cpu_acc = OutputAccumulator()
         refs, npus, cpus = [], [], []
@@ -101,7 +101,8 @@ def _write_layer_errors(ctx: RunContext, out: Path, quantized: Path, *, bf16: bo
     """layer_errors.json: SQNR/cosine per quantized tensor against the float graph that was quantized."""
     transformed = ctx.optional("quantize", "float.onnx")
     reference = transformed if transformed is not None else ctx.require("prepare", "model.onnx")
-    batches = list(open_dataset(ctx.recipe, "validation", limit=LAYER_ERROR_SAMPLES))
+    batches = list(open_dataset(ctx.recipe, "validation", limit=LAYER_ERROR_SAMPLES,
+                                state_model=ctx.require("prepare", "model.onnx")))
     report = layer_error_report(load_onnx(reference), load_onnx(quantized), batches, bf16=bf16)
     report["float_model"] = "quantize/float.onnx (after transforms)" if transformed is not None else "prepare/model.onnx"
     atomic_write(out / "layer_errors.json", dump_json(report))
