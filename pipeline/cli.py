@@ -99,22 +99,27 @@ for _stage, _doc in [
 
 
 @app.command()
-@_user_errors
 def check(recipes: list[Path] = typer.Argument(..., help="Recipe YAML file(s).")) -> None:
-    """Validate recipes without running them (schema, target, format, data files)."""
-    from .errors import DataError
-    from .recipe import load_recipe
+    """Everything 'run' would refuse, at once, without running a stage: schema, output folder, model
+    signature, every data sample, gates (see pipeline/preflight.py)."""
+    from .preflight import check_recipe
 
+    code = 0
     for path in recipes:
-        spec = load_recipe(path)
-        target, fmt = spec.target_and_format()
-        for section in ("calibration", "validation"):
-            if not hasattr(getattr(spec, section).data, "path"):  # kind 'builder': code, not a file
-                continue
-            data = spec.resolve(getattr(spec, section).data.path)
-            if not data.exists():
-                raise DataError(f"{path}: {section}.data.path: {data} does not exist (run make data, or fix the path)")
-        typer.echo(f"ok  {path}: {spec.name} ({target.name}, {fmt.value})")
+        try:
+            report = check_recipe(path)
+            report.raise_for_problems()
+        except PipelineError as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            code = code or err.exit_code
+            continue
+        typer.echo(f"ok  {path}: {report.recipe.name}")
+        for line in report.facts:
+            typer.echo(f"    {line}")
+        for line in report.notes:
+            typer.echo(f"    note: {line}")
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command(name="inspect")

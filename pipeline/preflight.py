@@ -1,0 +1,187 @@
+"""`npu-pipeline check`: everything `run` would refuse about a recipe, found at once, without running a stage.
+
+In the order `run` meets them: the recipe's schema (all errors at once, as `load_recipe` reports them);
+the output folder (can it be created and written); the model (the ONNX file, its external data and its
+signature against `inputs`, or the builder: imported, called, its example inputs against `inputs`); the
+calibration data, `quantization.exclude_nodes`, the validation data, `validation.output` and the gates'
+metrics (are they measured for the task). Each data source is opened and every sample the recipe would
+use is read and checked (names, shapes, dtypes, NaN/inf, labels), as calibrate and validate would. The
+builder is trusted code, run as `run` runs it; nothing is written.
+
+What only running can tell is not checked: whether the exporter and onnxruntime accept the model, what
+prepare makes of it, and the accuracy. Recurrent states are fed their initial value here (recording them
+needs the prepared model). A recipe whose model is a builder gets no output or node-name checks (they need
+the export).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .core.onnx_io import load_onnx
+from .core.signature import TensorSig, external_data_files, onnx_signature, signature_problems
+from .data import INITIAL_STATES, open_dataset
+from .errors import DataError, ModelError, PipelineError, RecipeError, StageError
+from .recipe import Recipe, load_recipe
+
+__all__ = ["CheckReport", "check_recipe", "measured_metrics"]
+
+ALWAYS_MEASURED = ("sqnr_db", "max_abs_error", "cosine_mean", "cosine_min")
+
+
+@dataclass
+class CheckReport:
+    """What `check` found: the problems `run` would stop at (in its order), and notes it would accept."""
+
+    path: Path
+    recipe: Recipe
+    problems: list[PipelineError] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    facts: list[str] = field(default_factory=list)  # what was checked, for the user
+
+    def raise_for_problems(self) -> None:
+        """One error listing every problem; its class (so its exit code) is that of the first one `run`
+        would meet."""
+        if not self.problems:
+            return
+        first = self.problems[0]
+        if len(self.problems) == 1:
+            raise type(first)(str(first))
+        lines = "\n".join("  - " + str(p).replace("\n", "\n    ") for p in self.problems)
+        raise type(first)(f"{self.path}: {len(self.problems)} problems that 'run' would refuse:\n{lines}")
+
+
+def measured_metrics(task: str, *, labels: bool, samples: int) -> set[str]:
+    """The metric names validate writes for a task (what a gate may name): `core.tasks` plus output error."""
+    names = set(ALWAYS_MEASURED)
+    if task == "classification":
+        names.add("top1_agreement")
+        if labels:
+            names |= {"accuracy", "accuracy_drop", "accuracy_float"}
+    elif task == "embedding" and samples > 1:
+        names.add("nn_agreement")
+    return names
+
+
+def _output_problem(run_dir: Path) -> PipelineError | None:
+    """Whether the run folder could be created and written (the runner's lock needs both)."""
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                reason = f"{folder} is a file"
+            elif not os.access(folder, os.W_OK | os.X_OK):
+                reason = f"no permission to write in {folder}"
+            else:
+                return None
+            return PipelineError(f"output folder {run_dir}: cannot write there ({reason}); "
+                                 "choose another --out or fix the recipe's output")
+    return None
+
+
+def _check_onnx(recipe: Recipe, report: CheckReport) -> tuple[list[TensorSig], set[str]] | None:
+    """The ONNX source's outputs and node names, or None when it cannot be read."""
+    source = recipe.resolve(recipe.model.onnx)
+    if not source.is_file():
+        report.problems.append(ModelError(f"model.onnx: {source} does not exist (fix the path in the recipe)"))
+        return None
+    missing = [f for f in external_data_files(source) if not f.is_file()]
+    if missing:
+        report.problems.append(ModelError(
+            f"model.onnx: {source} keeps its weights in external data file(s) {', '.join(f.name for f in missing)}, "
+            f"missing beside it in {source.parent} (copy them next to the model)"))
+        return None
+    try:
+        model = load_onnx(source, where="model.onnx")
+    except ModelError as err:
+        report.problems.append(err)
+        return None
+    inputs, outputs = onnx_signature(model)
+    report.problems += [ModelError(p) for p in signature_problems(inputs, outputs, recipe.inputs, where=str(source))]
+    report.facts.append(f"model {source.name}: inputs " + ", ".join(f"{i.name} {list(i.dims or [])} {i.dtype}" for i in inputs)
+                        + "; outputs " + ", ".join(f"{o.name} {list(o.dims or [])}" for o in outputs))
+    return outputs, {n.name for n in model.graph.node}
+
+
+def _check_builder(recipe: Recipe, report: CheckReport) -> None:
+    from .stages.export import builder_problems, load_builder
+
+    try:
+        module, example = load_builder(recipe)  # trusted code, called as export calls it
+    except (ModelError, StageError) as err:
+        report.problems.append(err)
+        return
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        report.problems.append(ModelError(
+            f"model.builder: {recipe.model.builder} returned {type(module).__name__}, not a torch module"))
+        return
+    report.problems += [ModelError(p) for p in builder_problems(recipe, example)]
+    report.facts.append(f"model {recipe.model.builder}: example inputs "
+                        + ", ".join(f"{list(getattr(t, 'shape', []))}" for t in example))
+    report.notes.append("model.builder: outputs and node names are not checked (they need the export)")
+
+
+def _check_data(recipe: Recipe, section: str, report: CheckReport):
+    """Open the section's data and read every sample run would read; returns the source or None."""
+    try:
+        source = open_dataset(recipe, section, state_model=INITIAL_STATES)
+        count, shapes = 0, ""
+        for index, batch in enumerate(source):
+            if index == 0:
+                shapes = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in batch.items())
+            count += 1
+    except (DataError, RecipeError, ModelError) as err:
+        report.problems.append(err)
+        return None
+    labels = f", {len(source.labels)} labels" if source.labels is not None else ""
+    report.facts.append(f"{section}: {source.description}: {count} sample(s) of {shapes}{labels}")
+    return source
+
+
+def _same_source(recipe: Recipe) -> bool:
+    keys = {"kind", "path", "builder", "args"}
+    cal, val = recipe.calibration.data, recipe.validation.data
+    return cal.model_dump(include=keys) == val.model_dump(include=keys) and getattr(cal, "split", None) is None
+
+
+def check_recipe(path: Path | str) -> CheckReport:
+    """Everything `run` would refuse about the recipe at `path` (see the module docstring)."""
+    path = Path(path)
+    recipe = load_recipe(path)  # a schema error ends here: nothing else can be read reliably
+    report = CheckReport(path, recipe)
+    target, fmt = recipe.target_and_format()
+    report.facts.append(f"target {target.name}, format {fmt.value}")
+    output = _output_problem(recipe.output_dir())
+    if output is not None:
+        report.problems.append(output)
+    onnx_info = _check_onnx(recipe, report) if recipe.model.onnx is not None else _check_builder(recipe, report)
+    _check_data(recipe, "calibration", report)
+    if onnx_info is not None:
+        unknown = sorted(set(recipe.quantization.exclude_nodes) - onnx_info[1])
+        if unknown:
+            report.problems.append(RecipeError(f"quantization.exclude_nodes: no node named {', '.join(unknown)} in the model"))
+    validation = _check_data(recipe, "validation", report)
+    if onnx_info is not None and recipe.validation.output is not None:
+        names = [o.name for o in onnx_info[0]]
+        if recipe.validation.output not in names:
+            report.problems.append(StageError(f"validation.output: the model has no output '{recipe.validation.output}' (it has {names})"))
+    if validation is not None:
+        labels, samples = validation.labels is not None, len(validation)
+    else:  # unreadable data: judge the gates by what the recipe says
+        labels, samples = getattr(recipe.validation.data, "labels", None) is not None, recipe.validation.samples
+    measured = measured_metrics(recipe.validation.task, labels=labels, samples=samples)
+    for index, gate in enumerate(recipe.gates):
+        if gate.metric not in measured:
+            report.problems.append(RecipeError(
+                f"gates[{index}].metric: '{gate.metric}' is not measured for this task "
+                f"(available: {', '.join(sorted(measured))})"))
+    if _same_source(recipe):
+        report.notes.append("calibration and validation read the same data: validation then measures on calibration "
+                            "samples (give both data sections split: {seed: 0, validation: 0.3})")
+    if recipe.state_inputs():
+        report.notes.append("recurrent states (" + ", ".join(s.name for s in recipe.state_inputs())
+                            + ") were fed their initial value here; run records them with the float model")
+    return report
