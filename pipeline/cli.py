@@ -122,6 +122,26 @@ def check(recipes: list[Path] = typer.Argument(..., help="Recipe YAML file(s).")
         raise typer.Exit(code)
 
 
+@app.command()
+@_user_errors
+def init(
+    model: str = typer.Argument(..., help="An ONNX file, or a builder 'package.module:function'."),
+    data: Optional[Path] = typer.Option(None, "--data", help="A folder of images or .wav files, an .npz, a .wav or a .txt."),
+    target: str = typer.Option("xdna2", "--target", "-t", help="xdna1, xdna2 or cpu."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Number format (default: the target's; xdna2: a8w8)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Recipe file to write (default: ./<model>.yaml)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing recipe file."),
+) -> None:
+    """Write a commented recipe from MODEL's signature: runs as is with --data; lists what is yours to decide."""
+    from .tools.init_recipe import init_recipe
+
+    result = init_recipe(model, data=data, target=target, fmt=fmt, out=output, force=force)
+    typer.echo(f"written: {result.path}")
+    for line in result.decisions:
+        typer.echo(f"  decide: {line}")
+    typer.echo(f"next: npu-pipeline check {result.path} && npu-pipeline run {result.path}")
+
+
 @app.command(name="inspect")
 @_user_errors
 def inspect_command(
