@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TensorSig", "onnx_signature", "external_data_files", "signature_problems", "is_dynamic"]
+__all__ = ["TensorSig", "onnx_signature", "external_data_files", "signature_problems", "is_dynamic", "clear_nonpositive_dims"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,18 @@ class TensorSig:
 
 def is_dynamic(dim: int | str) -> bool:
     return not isinstance(dim, int) or dim <= 0
+
+
+def clear_nonpositive_dims(model) -> int:
+    """Make dims stored as -1 or 0 plainly dynamic (no value) on the graph's inputs, outputs and value_info,
+    as onnxruntime and shape inference understand them; returns how many. (onnxruntime enforces a stored 0.)"""
+    count = 0
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.Clear()
+                count += 1
+    return count
 
 
 def _describe(value) -> TensorSig:

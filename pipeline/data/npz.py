@@ -40,11 +40,11 @@ def samples_view(array: np.ndarray, spec, *, where: str) -> tuple[int, callable]
     """(number of samples, function index -> that sample) for one input, by the module's rule."""
     shape = list(spec.shape)
     if array.ndim == len(shape) + 1 and list(array.shape[1:]) == shape:
-        return array.shape[0], lambda i: np.ascontiguousarray(array[i])
+        return array.shape[0], lambda i: np.array(array[i], copy=True)  # a copy keeps rank 0 (ascontiguousarray does not)
     batched = getattr(spec, "has_batch", bool(shape))
     if batched and shape and array.ndim == len(shape) and list(array.shape[1:]) == shape[1:]:
         rows = shape[0]
-        return array.shape[0] // rows, lambda i: np.ascontiguousarray(array[i * rows : (i + 1) * rows])
+        return array.shape[0] // rows, lambda i: np.array(array[i * rows : (i + 1) * rows], copy=True)
     stacked = f" or [N*{shape[0]}, {', '.join(map(str, shape[1:]))}] (samples stacked on the batch axis)" if batched and shape else ""
     raise DataError(
         f"{where} has shape {list(array.shape)}; input '{spec.name}' {shape} needs "

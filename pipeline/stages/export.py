@@ -20,7 +20,7 @@ import numpy as np
 from ..core.entrypoints import entry_point_source, import_entry_point, recipe_folder_on_path
 from ..core.fileio import sha256_file
 from ..core.onnx_io import load_onnx, model_opset, run_session, save_onnx
-from ..core.signature import external_data_files, onnx_signature, signature_problems
+from ..core.signature import clear_nonpositive_dims, external_data_files, onnx_signature, signature_problems
 from ..errors import ModelError, StageError
 from ..recipe import Recipe
 from ..runner import RunContext, Stage
@@ -119,13 +119,15 @@ class ExportStage(Stage):
         target = out / "model.onnx"
         if recipe.model.onnx is not None:
             model = load_source_onnx(recipe)
+            cleared = clear_nonpositive_dims(model)  # -1 / 0 "any" dims, as some exporters (Paddle) store them
             external = external_data_files(recipe.resolve(recipe.model.onnx))
             try:
                 save_onnx(model, target)  # external data inlined: the stage's output stands alone
             except ValueError as err:  # protobuf's 2 GiB limit on one serialised message
                 raise ModelError(f"model.onnx: the model with its weights is over 2 GiB, which this pipeline "
                                  f"does not handle ({err})") from None
-            return {"source": "onnx", "opset": model_opset(model), "external_data_inlined": [f.name for f in external]}
+            return {"source": "onnx", "opset": model_opset(model), "external_data_inlined": [f.name for f in external],
+                    "nonpositive_dims_cleared": cleared}
         return _export_builder(recipe, target)
 
 
