@@ -68,7 +68,7 @@ class InputSpec(_Strict):
             raise ValueError(f"input '{self.name}': give 'value' (a constant) or 'from_output' (a state), not both")
         if self.batch and not self.shape:
             raise ValueError(f"input '{self.name}': a scalar (shape: []) has no batch axis; remove 'batch: true'")
-        if self.from_output is None and ("initial" in self.model_fields_set or self.reset_every is not None):
+        if self.from_output is None and (self.initial != 0.0 or self.reset_every is not None):
             raise ValueError(f"input '{self.name}': 'initial' and 'reset_every' only apply with 'from_output'")
         if self.value is not None:
             self.constant_array()  # raises ValueError with the reason

@@ -62,3 +62,12 @@ def test_check_notes_calibration_and_validation_on_the_same_data(tiny_cnn_recipe
     result = _invoke(["check", str(recipe)], recipe.parent)
     assert result.exit_code == 0, result.output
     assert "note: calibration and validation read the same data" in result.stdout
+
+
+def test_check_passes_the_shipped_digits_recipe_with_a_builder_model():
+    from .conftest import RECIPES
+
+    result = _invoke(["check", str(RECIPES / "digits_cnn.yaml")], RECIPES)
+    assert result.exit_code == 0, result.output
+    assert "model pipeline.models.digits:build: example inputs [1, 1, 32, 32]" in result.stdout
+    assert "validation: validation.npz: 360 sample(s) of image float32[1, 1, 32, 32], 360 labels" in result.stdout

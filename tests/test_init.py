@@ -148,3 +148,25 @@ def test_init_recognises_data_kinds_and_builders(tmp_path: Path):
     builder = _invoke(["init", "tiny_builder:build", "--data", "table.npz", "-o", "tb.yaml"], tmp_path)
     assert builder.exit_code == 0, builder.output
     assert yaml.safe_load((tmp_path / "tb.yaml").read_text())["inputs"] == [{"name": "input", "shape": [1, 5], "dtype": "float32"}]
+
+
+def test_init_then_run_on_a_streaming_audio_model(tmp_path: Path):
+    """Silero-VAD-shaped ONNX (dynamic batch and length, a state [2, batch, 128] returned as `stateN`, a
+    scalar int64 sample rate) and a folder of WAV files: init declares the state and the constant, run passes."""
+    from .test_intake import TinyVad, _clips
+
+    torch.manual_seed(0)
+    example = (torch.randn(1, 512), torch.zeros(2, 1, 128), torch.tensor(16000))
+    torch.onnx.export(TinyVad().eval(), example, str(tmp_path / "vad.onnx"), input_names=["input", "state", "sr"],
+                      output_names=["output", "stateN"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input": {0: "batch", 1: "samples"}, "state": {1: "batch"}, "stateN": {1: "batch"}})
+    _clips(tmp_path / "clips")
+    result = _invoke(["init", "vad.onnx", "--data", "clips"], tmp_path)
+    assert result.exit_code == 0, result.output
+    inputs = yaml.safe_load((tmp_path / "vad.yaml").read_text())["inputs"]
+    assert inputs == [{"name": "input", "shape": [1, 16000], "dtype": "float32"},
+                      {"name": "state", "shape": [2, 1, 128], "dtype": "float32", "from_output": "stateN"},
+                      {"name": "sr", "shape": [], "dtype": "int64", "value": 16000}]
+    assert "taken for a recurrent state" in result.stdout and "taken for the sample rate" in result.stdout
+    run = _invoke(["run", "vad.yaml", "--quiet"], tmp_path)
+    assert run.exit_code == 0, run.output

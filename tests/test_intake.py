@@ -300,7 +300,7 @@ def test_constant_and_state_declarations_are_checked_by_the_schema():
         ([{"name": "x", "shape": [1]}, {"name": "h", "shape": [2], "value": 0, "from_output": "y"}], "not both"),
         ([{"name": "x", "shape": [], "batch": True}], "has no batch axis"),
         ([{"name": "h", "shape": [2], "from_output": "y"}], "at least one must come from data"),
-        ([{"name": "x", "shape": [1], "reset_every": 4}], "only apply with 'from_output'"),
+        ([{"name": "x", "shape": [1], "initial": 1.0}], "only apply with 'from_output'"),
     ]
     for inputs, message in cases:
         with pytest.raises(RecipeError, match=message):

@@ -136,11 +136,12 @@ def _target(data: AudioData, inputs: list, section: str):
     by_name = {s.name: s for s in inputs}
     if data.input is not None and data.input not in by_name:
         raise DataError(f"{section}.data.input: '{data.input}' is not an input fed by data ({', '.join(by_name)})")
+    target = by_name[data.input] if data.input is not None else inputs[0]
     if len(inputs) > 1:
-        raise DataError(f"{section}.data: audio feeds one input; the model's other data inputs "
-                        f"({', '.join(n for n in by_name if n != data.input)}) would get no data "
-                        "(declare them constants with value:, or states with from_output:, or use npz/builder data)")
-    return by_name[data.input] if data.input is not None else inputs[0]
+        raise DataError(f"{section}.data: audio feeds one input ('{target.name}'); the model's other inputs "
+                        f"({', '.join(n for n in by_name if n != target.name)}) would get no data "
+                        "(give them a value: or from_output:, or use npz or builder data)")
+    return target
 
 
 def _geometry(spec, data: AudioData, section: str) -> tuple[int, list[int], int, int]:

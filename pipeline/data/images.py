@@ -109,19 +109,20 @@ def folder_fingerprint(folder: Path) -> str:
 
 
 def _target_input(data: ImageData, inputs: list[object], section: str) -> object:
+    """The input the images feed: `data.input`, or the only input fed by data."""
     by_name = {s.name: s for s in inputs}
     if data.input is not None and data.input not in by_name:
-        raise DataError(f"{section}.data.input: '{data.input}' is not a model input ({', '.join(by_name)})")
+        raise DataError(f"{section}.data.input: '{data.input}' is not an input fed by data ({', '.join(by_name)})")
+    others = [s.name for s in inputs if s.name != data.input]
+    if len(inputs) > 1 and data.input is None:
+        raise DataError(
+            f"{section}.data.input: the model has {len(inputs)} inputs fed by data ({', '.join(by_name)}); name the "
+            "one the images feed, and give the others a value: (a constant) or from_output: (a recurrent state)"
+        )
     if len(inputs) > 1:
-        others = [s.name for s in inputs if s.name != data.input]
-        if data.input is None:
-            raise DataError(
-                f"{section}.data.input: the model has {len(inputs)} inputs ({', '.join(by_name)}); name the one the "
-                "images feed"
-            )
         raise DataError(
             f"{section}.data: images feed only '{data.input}'; the model's other inputs ({', '.join(others)}) "
-            "would get no data (use an npz data set)"
+            "would get no data (give them a value: or from_output:, or use npz or builder data)"
         )
     return by_name[data.input] if data.input is not None else inputs[0]
 

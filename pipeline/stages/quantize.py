@@ -95,7 +95,7 @@ def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
     return outcome.info
 
 
-def holdout_batches(recipe: Recipe, holdout: int, float_model: Path) -> tuple[list[dict], str]:
+def holdout_batches(recipe: Recipe, holdout: int, float_model: Path | None = None) -> tuple[list[dict], str]:
     """The held-out split: the `holdout` calibration samples after the ones statistics came from.
 
     When the calibration data holds fewer, the last `holdout` samples are used and overlap the

@@ -57,23 +57,59 @@ class _Input:
     dtype: str
     notes: list[str] = field(default_factory=list)
     batch: bool | None = None
+    from_output: str | None = None
+    value: int | None = None
 
 
-def _fill_dims(sig: TensorSig, image_like: bool, decisions: list[str]) -> _Input:
+def _data_kind(data: Path | None) -> str | None:
+    """What --data holds: images, audio, npz, text, or None (nothing given or not recognised)."""
+    if data is None:
+        return None
+    data = Path(data)
+    if data.is_dir():
+        names = [p.suffix.lower() for p in data.iterdir()]
+        return "images" if any(n in IMAGE_SUFFIXES for n in names) else "audio" if ".wav" in names else None
+    return {".wav": "audio", ".npz": "npz", ".txt": "text"}.get(data.suffix.lower())
+
+
+def _fill_dims(sig: TensorSig, kind: str | None, batch_names: set, decisions: list[str]) -> _Input:
+    """The input with every dynamic dim given a value: the batch dim (dim 0, or a dim named like another
+    input's dim 0) 1; an image's height and width 224; audio samples 16000; token ids 128; else 1."""
     dims = list(sig.dims or [])
     notes = []
+    image_like = kind == "images" and len(dims) in (3, 4)
     for d, dim in enumerate(dims):
         if not is_dynamic(dim):
             continue
-        if d == 0 and len(dims) > 1:
+        if (d == 0 and len(dims) > 1) or (isinstance(dim, str) and dim in batch_names):
             dims[d] = 1
-            notes.append(f"dim 0 ({dim}) is the batch: 1")
+            notes.append(f"dim {d} was dynamic ('{dim}'): 1, the batch")
             continue
-        default = 224 if image_like and d >= len(dims) - 3 else (128 if sig.dtype.startswith("int") else 1)
+        if image_like and d >= len(dims) - 3:
+            default = 224
+        elif kind == "audio" and d == len(dims) - 1 and sig.dtype.startswith("float"):
+            default = 16000
+        else:
+            default = 128 if sig.dtype.startswith("int") else 1
         dims[d] = default
-        notes.append(f"dim {d} ({dim}) was dynamic: {default}, DECIDE")
+        notes.append(f"dim {d} ('{dim}') was dynamic: {default}, DECIDE")
         decisions.append(f"inputs.{sig.name}.shape[{d}]: dynamic in the model ('{dim}'); set to {default}, use the size you deploy")
     return _Input(sig.name, dims, "bool" if sig.dtype == "bool_" else sig.dtype, notes)
+
+
+def _states(specs: list[_Input], outputs: list[TensorSig], decisions: list[str]) -> None:
+    """A float input of rank >= 2 shaped exactly like one output (not the first) is taken for a recurrent
+    state fed back from that output (a GRU/LSTM state, a streaming model's cache)."""
+    for spec in specs:
+        if len(spec.shape) < 2 or not spec.dtype.startswith("float"):
+            continue
+        same = [o for o in outputs[1:] if o.dims is not None and len(o.dims) == len(spec.shape)
+                and all(is_dynamic(d) or d == w for d, w in zip(o.dims, spec.shape))]
+        if len(same) == 1:
+            spec.from_output, spec.batch = same[0].name, None
+            spec.notes.append(f"a recurrent state fed back from output '{same[0].name}', DECIDE")
+            decisions.append(f"inputs.{spec.name}: taken for a recurrent state fed from output '{same[0].name}' "
+                             "(same shape); remove from_output if it is not one")
 
 
 def _image_geometry(shape: list[int]) -> tuple[str, int] | None:
@@ -142,7 +178,7 @@ def _rel(path: Path, folder: Path) -> str:
 def _data_lines(data: Path | None, inputs: list[_Input], folder: Path, decisions: list[str]) -> tuple[list[str], str]:
     """The `data:` mapping lines (indented 4) shared by both sections, and the split line ('' for none)."""
     split = "    split: {seed: 0, validation: 0.3}   # one source, cut into disjoint calibration/validation parts"
-    fed = [i for i in inputs if not (i.shape == [] and i.dtype.startswith("int"))]
+    fed = [i for i in inputs if not (i.shape == [] and i.dtype.startswith("int")) and i.from_output is None]
     if data is None:
         decisions.append("calibration.data / validation.data: no --data given; point them at your samples")
         return ["    kind: npz", "    path: CHANGE_ME.npz   # DECIDE: arrays named like the inputs, samples first"], split
@@ -237,13 +273,19 @@ def init_recipe(model: str, *, data: Path | None = None, target: str = "xdna2", 
         raise ModelError(f"MODEL: {model} is neither an ONNX file nor a builder 'package.module:function'")
     if not outputs:
         raise ModelError(f"MODEL: {model} has no outputs")
-    image_data = data is not None and Path(data).is_dir()
-    specs = [_fill_dims(sig, image_data and len(sig.dims or ()) in (3, 4), decisions) for sig in inputs]
+    kind = _data_kind(data)
+    batch_names = {sig.dims[0] for sig in inputs if sig.dims and len(sig.dims) > 1 and isinstance(sig.dims[0], str)}
+    specs = [_fill_dims(sig, kind, batch_names, decisions) for sig in inputs]
+    _states(specs, outputs, decisions)
+    data_lines, split = _data_lines(data, specs, folder, decisions)
     for spec in specs:
-        if spec.shape == [] and spec.dtype.startswith("int"):
+        if spec.shape == [] and spec.dtype.startswith("int") and kind == "audio":
+            spec.value = 16000  # a scalar setting beside audio: its sample rate, as data.sample_rate
+            spec.notes.append("taken for the sample rate, folded into the graph; DECIDE with data.sample_rate")
+            decisions.append(f"inputs.{spec.name}: taken for the sample rate (value: 16000); set the model's own")
+        elif spec.shape == [] and spec.dtype.startswith("int"):
             decisions.append(f"inputs.{spec.name}: a scalar {spec.dtype} (a setting such as a sample rate); "
                              "give it 'value:' to fold it into the model")
-    data_lines, split = _data_lines(data, specs, folder, decisions)
     task, why = _task(outputs, last_op, decisions)
     name = "".join(c if c.isalnum() or c in "_.-" else "_" for c in stem).lstrip("_.-") or "model"
     source = f"onnx: {_rel(onnx_path, folder)}" if onnx_path else f"builder: {model}"
@@ -257,8 +299,10 @@ def init_recipe(model: str, *, data: Path | None = None, target: str = "xdna2", 
               "inputs:   # names, static shapes and dtypes the NPU model will have (from the model)"]
     for spec in specs:
         note = f"   # {'; '.join(spec.notes)}" if spec.notes else ""
-        batch = ", batch: false" if spec.batch is False else ""
-        lines.append(f"  - {{name: {spec.name}, shape: {spec.shape}, dtype: {spec.dtype}{batch}}}{note}")
+        extra = ", batch: false" if spec.batch is False else ""
+        extra += f", from_output: {spec.from_output}" if spec.from_output else ""
+        extra += f", value: {spec.value}" if spec.value is not None else ""
+        lines.append(f"  - {{name: {spec.name}, shape: {spec.shape}, dtype: {spec.dtype}{extra}}}{note}")
     section = lambda title, samples: [  # noqa: E731
         f"{title}:", "  data:", *data_lines, *([split] if split else []), f"  samples: {samples}   # at most"]
     lines += section("calibration", 100) + ["  method: minmax   # minmax | percentile | entropy | mse | auto"]
