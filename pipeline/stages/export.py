@@ -103,6 +103,7 @@ class ExportStage(Stage):
     name = "export"
     sections = ("model", "inputs", "export")
     outputs = ("model.onnx",)
+    revision = 2  # 2: ONNX sources re-serialised (external data inlined, -1/0 dims cleared), not copied
 
     def extra_key(self, ctx: RunContext) -> dict:
         recipe = ctx.recipe
