@@ -80,6 +80,7 @@ def test_init_then_run_on_an_onnx_digit_classifier(digits_project: Path):
     assert run.exit_code == 0, run.output
     metrics = json.loads((digits_project / "build/digits/artifact/manifest.json").read_text())["metrics"]
     assert metrics["samples"] == 12 and metrics["top1_agreement"] >= 90
+    print(f"digits from init: top-1 agreement {metrics['top1_agreement']:.1f}%, SQNR {metrics['sqnr_db']:.2f} dB")
 
     again = _invoke(["init", "digits.onnx", "--data", "digit_pngs"], digits_project)
     assert again.exit_code == 2 and "exists" in again.stderr and "--force" in again.stderr
