@@ -113,7 +113,8 @@ def check(recipes: list[Path] = typer.Argument(..., help="Recipe YAML file(s).")
             typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
             code = code or err.exit_code
             continue
-        typer.echo(f"ok  {path}: {report.recipe.name}")
+        target, fmt = report.recipe.target_and_format()
+        typer.echo(f"ok  {path}: {report.recipe.name} ({target.name}, {fmt.value})")
         for line in report.facts:
             typer.echo(f"    {line}")
         for line in report.notes:

@@ -152,8 +152,6 @@ def check_recipe(path: Path | str) -> CheckReport:
     path = Path(path)
     recipe = load_recipe(path)  # a schema error ends here: nothing else can be read reliably
     report = CheckReport(path, recipe)
-    target, fmt = recipe.target_and_format()
-    report.facts.append(f"target {target.name}, format {fmt.value}")
     output = _output_problem(recipe.output_dir())
     if output is not None:
         report.problems.append(output)

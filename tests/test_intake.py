@@ -309,3 +309,27 @@ def test_constant_and_state_declarations_are_checked_by_the_schema():
                                                 {"name": "k", "shape": [2, 2], "dtype": "int32", "value": 3}]})
     assert spec.inputs[1].constant_array().tolist() == [[3, 3], [3, 3]]
     assert [i.name for i in spec.data_inputs()] == ["x"]
+
+
+def test_prepare_gives_a_shapeless_input_the_declared_shape_and_folds_constants():
+    """Some converters state no shape at all on an input; a constant input becomes an initializer."""
+    from pipeline.recipe import recipe_from_dict
+    from pipeline.stages.prepare import fix_input_shapes, fold_constant_inputs
+
+    nodes = [helper.make_node("Mul", ["x", "k"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+                                           helper.make_tensor_value_info("k", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = {"kind": "npz", "path": "c.npz"}
+    spec = recipe_from_dict({"name": "t", "model": {"onnx": "m.onnx"},
+                             "inputs": [{"name": "x", "shape": [1, 4]}, {"name": "k", "shape": [1], "value": 2.5}],
+                             "calibration": {"data": data}, "validation": {"data": data}})
+    assert fix_input_shapes(model, spec) == ["x: ? -> 1", "x: ? -> 4"]
+    assert fold_constant_inputs(model, spec) == ["k"]
+    assert [i.name for i in model.graph.input] == ["x"]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 4]
+    assert session.run(None, {"x": np.ones((1, 4), np.float32)})[0].tolist() == [[2.5] * 4]

@@ -135,7 +135,7 @@ def _files(path: Path, section: str) -> list[Path]:
 def _target(data: AudioData, inputs: list, section: str):
     by_name = {s.name: s for s in inputs}
     if data.input is not None and data.input not in by_name:
-        raise DataError(f"{section}.data.input: '{data.input}' is not an input fed by data ({', '.join(by_name)})")
+        raise DataError(f"{section}.data.input: '{data.input}' is not a model input fed by data ({', '.join(by_name)})")
     target = by_name[data.input] if data.input is not None else inputs[0]
     if len(inputs) > 1:
         raise DataError(f"{section}.data: audio feeds one input ('{target.name}'); the model's other inputs "

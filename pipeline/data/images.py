@@ -112,7 +112,7 @@ def _target_input(data: ImageData, inputs: list[object], section: str) -> object
     """The input the images feed: `data.input`, or the only input fed by data."""
     by_name = {s.name: s for s in inputs}
     if data.input is not None and data.input not in by_name:
-        raise DataError(f"{section}.data.input: '{data.input}' is not an input fed by data ({', '.join(by_name)})")
+        raise DataError(f"{section}.data.input: '{data.input}' is not a model input fed by data ({', '.join(by_name)})")
     others = [s.name for s in inputs if s.name != data.input]
     if len(inputs) > 1 and data.input is None:
         raise DataError(
