@@ -25,15 +25,17 @@ _STAGE_CLASSES = {
 STAGES = tuple(_STAGE_CLASSES)
 
 
-def stage_by_name(name: str) -> Stage:
+def stage_by_name(name: str, **settings) -> Stage:
+    """A stage by name; `settings` go to its constructor (package: `sign_key`)."""
     import importlib
 
     module, _, cls = _STAGE_CLASSES[name].partition(":")
-    return getattr(importlib.import_module(f"pipeline.stages.{module}"), cls)()
+    return getattr(importlib.import_module(f"pipeline.stages.{module}"), cls)(**settings)
 
 
-def _stages() -> list[Stage]:
-    return [stage_by_name(name) for name in STAGES]
+def _stages(sign_key: Path | None = None) -> list[Stage]:
+    return [stage_by_name(name, **({"sign_key": sign_key} if name == "package" and sign_key else {}))
+            for name in STAGES]
 
 
 @dataclass
@@ -68,17 +70,22 @@ def run_recipe(
     progress: bool = True,
     on_stage: Callable[[StageOutcome], None] | None = None,
     check_gates: bool = True,
+    sign_key: Path | None = None,
 ) -> RunResult:
-    """Run every stage; raises `GateError` after the artifact and its report are written if a gate fails."""
+    """Run every stage; raises `GateError` after the artifact and its report are written if a gate fails.
+    `sign_key`: a PEM Ed25519 private key that signs the bundle's manifest (manifest.sig)."""
     run_dir = recipe.output_dir(out)
-    outcomes = Runner(recipe, run_dir, force=force, progress=progress, on_stage=on_stage).run(_stages())
+    outcomes = Runner(recipe, run_dir, force=force, progress=progress, on_stage=on_stage).run(_stages(sign_key))
     result = RunResult(recipe, run_dir, outcomes)
     if check_gates:
         raise_for_failures(recipe.name, result.gates, str(result.artifact / "report.md"))
     return result
 
 
-def run_stage(recipe: Recipe, stage: str, *, out: Path | None = None, force: bool = True, progress: bool = True):
-    """Run one stage alone over an existing run folder (earlier stages must have run)."""
+def run_stage(recipe: Recipe, stage: str, *, out: Path | None = None, force: bool = True, progress: bool = True,
+              sign_key: Path | None = None):
+    """Run one stage alone over an existing run folder (earlier stages must have run); `sign_key` signs
+    the package stage's manifest."""
     run_dir = recipe.output_dir(out)
-    return Runner(recipe, run_dir, force=force, progress=progress).run([stage_by_name(stage)])[0]
+    settings = {"sign_key": sign_key} if sign_key is not None else {}
+    return Runner(recipe, run_dir, force=force, progress=progress).run([stage_by_name(stage, **settings)])[0]

@@ -1,7 +1,8 @@
 """`npu-pipeline`: a thin shell over the library. It parses, calls, prints, and maps errors to exit codes.
 
-Exit codes: 0 success; 2 bad input (recipe, data, model); 3 a stage failed; 4 an accuracy gate failed;
-5 the model breaks a hard NPU rule; 1 a bug (with its traceback).
+Exit codes: 0 success; 2 bad input (recipe, data, model, an output path); 3 a stage failed; 4 an accuracy
+gate failed; 5 the model breaks a hard NPU rule; 6 a bundle is incomplete or modified; 1 a bug (with its
+traceback).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def _echo_stage(outcome) -> None:
 
 
 OutOption = typer.Option(None, "--out", help="Run folder (default: the recipe's output, else build/<name>).")
+SignKeyOption = typer.Option(None, "--sign-key", help="PEM Ed25519 private key: sign the bundle (manifest.sig).")
 
 
 @app.command()
@@ -54,6 +56,7 @@ def run(
     out: Optional[Path] = OutOption,
     force: bool = typer.Option(False, "--force", help="Rerun every stage even when its inputs are unchanged."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    sign_key: Optional[Path] = SignKeyOption,
 ) -> None:
     """Run every stage of RECIPE: export, prepare, calibrate, quantize, validate, package."""
     from .api import run_recipe
@@ -63,7 +66,8 @@ def run(
 
     spec = load_recipe(recipe)
     typer.echo(f"{spec.name}: {spec.output_dir(out)}")
-    result = run_recipe(spec, out=out, force=force, progress=not quiet, on_stage=_echo_stage, check_gates=False)
+    result = run_recipe(spec, out=out, force=force, progress=not quiet, on_stage=_echo_stage, check_gates=False,
+                        sign_key=sign_key)
     typer.echo("")
     typer.echo(format_table(("metric", "NPU (emulated)", "CPU EP"), accuracy_rows(result.metrics)))
     for gate in result.gates:
@@ -77,11 +81,15 @@ def _stage_command(stage: str, doc: str):
     def command(
         recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         out: Optional[Path] = OutOption,
+        sign_key: Optional[Path] = SignKeyOption,
     ) -> None:
         from .api import run_stage
+        from .errors import PipelineError
         from .recipe import load_recipe
 
-        _echo_stage(run_stage(load_recipe(recipe), stage, out=out))
+        if sign_key is not None and stage != "package":
+            raise PipelineError(f"--sign-key: only 'package' (or 'run') signs a bundle, not '{stage}'")
+        _echo_stage(run_stage(load_recipe(recipe), stage, out=out, sign_key=sign_key))
 
     command.__doc__ = doc
     app.command(name=stage)(command)
@@ -152,28 +160,49 @@ def inspect_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the inspection as JSON here."),
 ) -> None:
     """Check NPU readiness and predict which nodes run on the NPU and which fall back to the CPU."""
-    from .inspect import inspect_model, write_json
+    from .core.fileio import dump_json, write_output
+    from .errors import OutputError
+    from .inspect import inspect_model
 
+    if json_out is not None and json_out.resolve() == model.resolve():
+        raise OutputError(f"--json {json_out}: that is the model being inspected; choose another path")
     inspection = inspect_model(model, target, fmt)
     typer.echo(inspection.table())
     if json_out is not None:
-        write_json(inspection, json_out)
+        write_output(json_out, dump_json(inspection.to_json()), option="--json")
         typer.echo(f"written: {json_out}")
     inspection.raise_for_violations()
 
 
 @app.command()
 @_user_errors
-def verify(bundle: Path = typer.Argument(..., help="An artifact folder written by 'run' or 'package'.")) -> None:
-    """Re-check every hash of a bundle and the NPU readiness rules of its model."""
+def verify(
+    bundle: Path = typer.Argument(..., help="An artifact folder written by 'run' or 'package'."),
+    key: Optional[Path] = typer.Option(None, "--key", help="PEM Ed25519 public key: the bundle must be signed by it."),
+) -> None:
+    """Re-check a bundle: manifest digest, exact file set, every hash, the signature (--key), the NPU rules."""
     from .bundle import verify_bundle
 
-    result = verify_bundle(bundle)
+    result = verify_bundle(bundle, key=key)
     summary = result.inspection.summary()
     typer.echo(
-        f"ok  {bundle}: {result.files_checked} files match manifest.json; no NPU rule broken; "
+        f"ok  {bundle}: {result.files_checked} files match manifest.json, nothing added; signature "
+        f"{result.signature}; no NPU rule broken; "
         f"NPU share {summary['npu_node_share']:.1%} of nodes, {summary['npu_mac_share']:.1%} of MACs"
     )
+
+
+@app.command()
+@_user_errors
+def keygen(
+    folder: Path = typer.Argument(..., help="Folder for signing.pem (private) and signing.pub.pem (public)."),
+) -> None:
+    """Make an Ed25519 key pair for 'package --sign-key' / 'verify --key' (never overwrites a key)."""
+    from .core.signing import generate_key_pair
+
+    private, public = folder / "signing.pem", folder / "signing.pub.pem"
+    ident = generate_key_pair(private, public)
+    typer.echo(f"key {ident}\nprivate: {private} (keep it secret)\npublic:  {public} (give it to whoever verifies)")
 
 
 @app.command()
@@ -188,8 +217,11 @@ def infer(
     import numpy as np
 
     from .bundle import infer_bundle
-    from .core.fileio import atomic_write
+    from .core.fileio import write_output
+    from .errors import OutputError
 
+    if output is not None and output.resolve().is_relative_to(bundle.resolve()):
+        raise OutputError(f"--output {output}: inside the bundle, whose file set verify checks; write it elsewhere")
     outputs, provider = infer_bundle(bundle, input, npu_numerics=npu_numerics)
     typer.echo(f"ran on: {provider}")
     for name, value in outputs.items():
@@ -201,7 +233,7 @@ def infer(
 
         buffer = io.BytesIO()
         np.savez(buffer, **outputs)
-        atomic_write(output, buffer.getvalue())
+        write_output(output, buffer.getvalue(), option="--output")
         typer.echo(f"written: {output}")
 
 
@@ -283,7 +315,7 @@ def parity(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ) -> None:
     """An EP's outputs against the emulated NPU numerics; on failure, the first node that diverges (exit 4)."""
-    from .runner import atomic_write, dump_json
+    from .core.fileio import dump_json, write_output
     from .tools.parity import Tolerance, parity as run_parity
 
     tolerance = Tolerance(min_sqnr_db=min_sqnr, max_rel_error=max_rel_error, min_top1_agreement=min_agreement, lsb=lsb)
@@ -291,7 +323,7 @@ def parity(
                         localize=localize)
     typer.echo("\n".join(result.lines()))
     if json_out is not None:
-        atomic_write(json_out, dump_json(result.to_json()))
+        write_output(json_out, dump_json(result.to_json()), option="--json")
         typer.echo(f"written: {json_out}")
     result.raise_for_failure()
 

@@ -16,6 +16,7 @@ __all__ = [
     "GateError",
     "ParityError",
     "ArtifactError",
+    "OutputError",
 ]
 
 
@@ -71,3 +72,10 @@ class ArtifactError(PipelineError):
     """A bundle is incomplete or was modified after packaging (a hash does not match its manifest)."""
 
     exit_code = 6
+
+
+class OutputError(PipelineError):
+    """An output cannot be written: the folder is not ours (it holds the user's own files), the disk is
+    full, the path is read-only or its parent is a file. Nothing of the user's is touched."""
+
+    exit_code = 2

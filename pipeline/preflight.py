@@ -23,6 +23,7 @@ from pathlib import Path
 from .core.onnx_io import load_onnx
 from .core.signature import TensorSig, external_data_files, onnx_signature, signature_problems
 from .data import INITIAL_STATES, open_dataset
+from .data.labels import check_class_labels
 from .errors import DataError, ModelError, PipelineError, RecipeError, StageError
 from .recipe import Recipe, load_recipe
 
@@ -141,6 +142,16 @@ def _check_data(recipe: Recipe, section: str, report: CheckReport):
     return source
 
 
+def _classes(recipe: Recipe, onnx_info) -> int | None:
+    """The classifier's class count: the static last dim of the task output, when the ONNX file states it."""
+    if onnx_info is None:
+        return None
+    outputs = {o.name: o for o in onnx_info[0]}
+    task = outputs.get(recipe.validation.output) if recipe.validation.output else onnx_info[0][0] if onnx_info[0] else None
+    last = task.dims[-1] if task is not None and task.dims else None
+    return last if isinstance(last, int) and last > 0 else None
+
+
 def _same_source(recipe: Recipe) -> bool:
     keys = {"kind", "path", "builder", "args"}
     cal, val = recipe.calibration.data, recipe.validation.data
@@ -166,6 +177,12 @@ def check_recipe(path: Path | str) -> CheckReport:
         names = [o.name for o in onnx_info[0]]
         if recipe.validation.output not in names:
             report.problems.append(StageError(f"validation.output: the model has no output '{recipe.validation.output}' (it has {names})"))
+    if validation is not None and validation.labels is not None and recipe.validation.task == "classification":
+        try:  # what validate checks before computing an accuracy
+            check_class_labels(validation.labels, f"validation.data.labels ({validation.description})",
+                               classes=_classes(recipe, onnx_info))
+        except DataError as err:
+            report.problems.append(err)
     if validation is not None:
         labels, samples = validation.labels is not None, len(validation)
     else:  # unreadable data: judge the gates by what the recipe says

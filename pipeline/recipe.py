@@ -12,11 +12,13 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-import yaml
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from .core.formats import Format
 from .core.schema import StrictModel as _Strict
+from .core.limits import exceeded, limit
+from .core.schema import coerced_values, non_finite_values
+from .core.yaml_io import load_yaml
 from .data import data_kinds, dataset_schemas
 from .errors import RecipeError
 from .modelspec import InputSpec, ModelSource
@@ -190,22 +192,59 @@ Metric = Literal[
 ]
 
 
+# The metrics each validation task measures (pipeline.core.tasks; accuracy needs labels); every task
+# also measures the tensor error of its output.
+_TASK_METRICS = {
+    "classification": {"accuracy", "accuracy_drop", "top1_agreement"},
+    "embedding": {"nn_agreement"},
+    "regression": set(),
+}
+_ERROR_METRICS = {"cosine_mean", "cosine_min", "sqnr_db", "max_abs_error"}
+_NEEDS_LABELS = {"accuracy", "accuracy_drop"}
+
+# A bound is a finite number: `.nan` compares false with everything and `.inf` never binds.
+Bound = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class Gate(_Strict):
     """A threshold on one validation metric: `min` and/or `max`. `accuracy_drop` is in points (pt)."""
 
     metric: Metric
-    min: float | None = None
-    max: float | None = None
+    min: Bound | None = None
+    max: Bound | None = None
 
     @model_validator(mode="after")
     def _has_bound(self) -> "Gate":
         if self.min is None and self.max is None:
             raise ValueError(f"gate on {self.metric!r} needs 'min' or 'max'")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"gate on {self.metric!r}: min {self.min:g} is above max {self.max:g}; no value can pass")
         return self
 
 
+def _gate_problems(recipe: "Recipe") -> list[str]:
+    """Gates on metrics the validation task never measures: found at load, not after every stage ran."""
+    task = recipe.validation.task
+    data = recipe.validation.data
+    problems = []
+    for index, gate in enumerate(recipe.gates):
+        measured = _TASK_METRICS.get(task, set()) | _ERROR_METRICS
+        if gate.metric not in measured:
+            problems.append(
+                f"gates.{index}.metric: '{gate.metric}' is not measured for task '{task}' "
+                f"(measured: {', '.join(sorted(measured))})"
+            )
+        elif gate.metric in _NEEDS_LABELS and "labels" in type(data).model_fields and getattr(data, "labels") is None:
+            problems.append(
+                f"gates.{index}.metric: '{gate.metric}' needs labels; set validation.data.labels "
+                "(or gate on top1_agreement: agreement with the float model)"
+            )
+    return problems
+
+
 class Recipe(_Strict):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    # A folder and file name on every filesystem (batch writes <name>.json next to temporary siblings).
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)]
     description: str = ""
     model: ModelSource
     inputs: list[InputSpec] = Field(min_length=1)
@@ -284,10 +323,10 @@ class Recipe(_Strict):
         return hashlib.sha256(self.section_json(*self.model_fields_set).encode()).hexdigest()
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def _format_errors(source: str, err: ValidationError | None, extra: list[str] = ()) -> str:
     lines = []
     kinds = set(data_kinds())
-    for e in err.errors():
+    for e in err.errors() if err is not None else ():
         # pydantic puts the data kind's tag after `data` in the path (calibration.data.npz.path): drop it.
         parts = e["loc"]
         loc = ".".join(str(p) for i, p in enumerate(parts) if not (i and parts[i - 1] == "data" and p in kinds))
@@ -300,7 +339,10 @@ def _format_errors(source: str, err: ValidationError) -> str:
             msg = str(e["ctx"]["error"])  # our own message, without pydantic's "Value error, " prefix
         elif e["type"] in ("enum", "literal_error"):
             msg = f"{msg}; got {e['input']!r}"
+        elif e["type"] == "finite_number":
+            msg = f"{e['input']} is not a finite number (a recipe takes no NaN or infinity)"
         lines.append(f"  {loc or '<top>'}: {msg}")
+    lines += [f"  {line}" for line in extra if f"  {line}" not in lines]
     n = len(lines)
     if n == 1:  # one problem, one line
         return f"{source}: {lines[0].strip()}"
@@ -308,12 +350,21 @@ def _format_errors(source: str, err: ValidationError) -> str:
 
 
 def recipe_from_dict(data: object, *, source: str = "<recipe>", base_dir: Path = Path(".")) -> Recipe:
+    """Validate plain data as a recipe: the schema, then what lax validation lets through (NaN and
+    infinity, booleans and quoted numbers taken for numbers) and gates the task cannot measure."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}")
+    if "base_dir" in data:
+        raise RecipeError(f"{source}: base_dir: unknown key (remove it)")
+    problems = non_finite_values(data)
     try:
-        return Recipe.model_validate({**data, "base_dir": base_dir})
+        recipe = Recipe.model_validate({**data, "base_dir": base_dir})
     except ValidationError as err:
-        raise RecipeError(_format_errors(source, err)) from None
+        raise RecipeError(_format_errors(source, err, problems)) from None
+    problems += coerced_values(data, recipe) + _gate_problems(recipe)
+    if problems:
+        raise RecipeError(_format_errors(source, None, problems))
+    return recipe
 
 
 def load_recipe(path: Path | str) -> Recipe:
@@ -321,13 +372,12 @@ def load_recipe(path: Path | str) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found (list the shipped ones with 'npu-pipeline recipes')")
+    size = path.stat().st_size
+    if size > limit("recipe_bytes"):  # before reading it: a recipe is kilobytes
+        raise RecipeError(exceeded("recipe_bytes", str(path), size))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        mark = getattr(err, "problem_mark", None)  # where the parser gave up: the line to look at
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise RecipeError(f"{path}: not valid YAML: {where}{problem}") from None
-    if "base_dir" in (data or {}) if isinstance(data, dict) else False:
-        raise RecipeError(f"{path}: base_dir: unknown key (remove it)")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: not readable UTF-8 text ({err})") from None
+    data = load_yaml(text, source=str(path), error=RecipeError)
     return recipe_from_dict(data, source=str(path), base_dir=path.resolve().parent)

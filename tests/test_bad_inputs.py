@@ -1,12 +1,15 @@
 """A catalogue of bad inputs through the real CLI.
 
 Every case must end with its exit code, one clear line on stderr that names the field, file or tensor at
-fault (a recipe with several schema errors lists one field per line), no traceback, and nothing
-half-written: no artifact, no scratch or temporary files; only complete stage folders and the lock.
+fault (a recipe with several schema errors lists one field per line), no traceback, nothing half-written
+(no artifact, no scratch or temporary files; only complete stage folders, the lock and the run-folder
+mark), and nothing of the user's touched: every file that was there before the command is unchanged.
+The second round of hostile inputs is in test_hostile_*.py, built on the helpers here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -120,9 +123,22 @@ def _parent_is_a_file(recipe: Path) -> None:
     edit(output="blocker/out")(recipe)
 
 
+def text_model(recipe: Path) -> None:
+    """Replace the tiny CNN by a model that takes token ids, int64 [1, 8] (what text data feeds)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.linspace(-1, 1, 24, dtype=np.float32).reshape(8, 3), "w")
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["xf", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("x", TensorProto.INT64, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (recipe.parent / "tiny.onnx").write_bytes(model.SerializeToString())
+    edit(inputs=[{"name": "x", "shape": [1, 8], "dtype": "int64"}])(recipe)
+
+
 def _text_data(path: str) -> Callable[[Path], None]:
-    return edit(**{"calibration.data": {"kind": "text", "path": path, "tokenizer": TOKENIZER,
-                                        "fields": {"x": "input_ids"}}})
+    return both(text_model, edit(**{"calibration.data": {"kind": "text", "path": path, "tokenizer": TOKENIZER,
+                                                         "fields": {"x": "input_ids"}}}))
 
 
 def _bad_yaml(recipe: Path) -> None:
@@ -137,6 +153,10 @@ class Case:
     fragments: tuple[str, ...]
     command: str = "run"
     multi: bool = False  # a recipe with several schema errors: one line per field
+    # Arguments after the command (default: the recipe, and --quiet for run); a callable gets the recipe.
+    args: Callable[[Path], list[str]] | None = None
+    env: tuple[tuple[str, str], ...] = ()  # environment variables set for the command
+    owned: tuple[str, ...] = ("out",)  # paths under the test folder the command may write (its run folder)
 
 
 CASES = [
@@ -155,7 +175,7 @@ CASES = [
     Case("recipe-gate-without-bound", edit(gates=[{"metric": "cosine_mean"}]), 2, ("gates.0", "needs 'min' or 'max'")),
     Case("recipe-unknown-metric", edit(gates=[{"metric": "f1", "min": 0.5}]), 2, ("gates.0.metric", "'f1'")),
     Case("recipe-metric-not-measured", edit(gates=[{"metric": "nn_agreement", "min": 90}]), 2,
-         ("gates[0].metric", "nn_agreement", "not measured")),
+         ("gates.0.metric", "nn_agreement", "not measured", "classification")),
     Case("recipe-two-model-sources", edit(model={"onnx": "tiny.onnx", "builder": "a.b:c"}), 2, ("model", "exactly one")),
     Case("recipe-builder-without-colon", edit(model={"builder": "junk_builder"}), 2, ("model", "module:function")),
     Case("recipe-unknown-data-kind", edit(**{"calibration.data.kind": "csv"}), 2, ("calibration.data", "csv")),
@@ -258,30 +278,78 @@ def assert_clean_failure(code: int, stdout: str, stderr: str, case_code: int, fr
         assert fragment in stderr, f"{fragment!r} not in: {stderr}"
 
 
-def assert_nothing_half_written(root: Path) -> None:
-    """No artifact, no scratch folder or temp file anywhere; only complete stage folders and locks."""
+def snapshot(root: Path, owned: tuple[str, ...] = ()) -> dict[str, object]:
+    """Every file, folder and link under `root` but the `owned` paths (and bytecode caches): content hash and
+    mtime per file, so any change to what the user had is seen."""
+    found: dict[str, object] = {}
+    for folder, dirs, files in os.walk(root):
+        rel_folder = Path(folder).relative_to(root)
+        dirs[:] = [d for d in dirs if d != "__pycache__" and not (rel_folder == Path(".") and d in owned)]
+        for name in dirs + files:
+            path = Path(folder) / name
+            rel = str(rel_folder / name)
+            if rel_folder == Path(".") and name in owned:
+                continue
+            if path.is_symlink():
+                found[rel] = ("link", os.readlink(path))
+            elif path.is_dir():
+                found[rel] = ("dir",)
+            else:
+                found[rel] = ("file", path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+    return found
+
+
+def assert_untouched(before: dict[str, object], root: Path, owned: tuple[str, ...]) -> None:
+    after = snapshot(root, owned)
+    changed = sorted(k for k in before.keys() & after.keys() if before[k] != after[k])
+    removed = sorted(before.keys() - after.keys())
+    # The lock a run takes in a folder marked as a run folder is the run's, not the user's.
+    added = sorted(k for k in after.keys() - before.keys()
+                   if not (Path(k).name == ".lock" and (root / k).with_name(".npu-pipeline-run").is_file()))
+    assert not (changed or removed or added), f"user files touched: changed {changed}, removed {removed}, added {added}"
+
+
+def assert_nothing_half_written(root: Path, users: dict[str, object] | None = None) -> None:
+    """No artifact, no scratch folder or temp file anywhere; only complete stage folders, locks and the
+    run-folder mark. `users`: paths the user made (a snapshot), checked by `assert_untouched` instead."""
+    users = users or {}
     for path in root.rglob("*"):
+        if str(path.relative_to(root)) in users or "__pycache__" in path.parts:
+            continue
         assert not path.name.endswith(".tmp"), f"stray temp file {path}"
-        if path.name.startswith(".") and path.name != ".lock":
+        if path.name.startswith(".") and path.name not in (".lock", ".npu-pipeline-run"):
             raise AssertionError(f"stray hidden file or folder {path}")
         if path.name == "artifact" and path.is_dir():
             raise AssertionError(f"artifact written despite the failure: {path}")
         if path.name == ".lock":
             for stage in path.parent.iterdir():
-                if stage.is_dir():
+                if stage.is_dir() and str(stage.relative_to(root)) not in users:
                     assert (stage / "stage.json").is_file(), f"incomplete stage folder {stage}"
+
+
+def run_case(case: Case, recipe: Path, monkeypatch) -> None:
+    """Set the case up next to `recipe`, run its command, and check exit code, message, no traceback,
+    nothing half-written and nothing of the user's touched."""
+    root = recipe.parent
+    monkeypatch.syspath_prepend(str(root))  # for the builder-module cases
+    case.setup(recipe)
+    for key, value in case.env:
+        monkeypatch.setenv(key, value)
+    if case.args is not None:
+        args = [case.command, *case.args(recipe)]
+    else:
+        args = [case.command, str(recipe)] + (["--quiet"] if case.command == "run" else [])
+    before = snapshot(root, case.owned)
+    result = _invoke(args, root)
+    print(result.stderr)  # shown with -rP: the catalogue's messages at a glance
+    assert_clean_failure(result.exit_code, result.stdout, result.stderr, case.code, case.fragments, multi=case.multi)
+    assert_nothing_half_written(root, before)
+    assert_untouched(before, root, case.owned)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, tiny_cnn_recipe, monkeypatch):
-    recipe = tiny_cnn_recipe()
-    monkeypatch.syspath_prepend(str(recipe.parent))  # for the builder-module cases
-    case.setup(recipe)
-    args = [case.command, str(recipe)] + (["--quiet"] if case.command == "run" else [])
-    result = _invoke(args, recipe.parent)
-    print(result.stderr)  # shown with -rP: the catalogue's messages at a glance
-    assert_clean_failure(result.exit_code, result.stdout, result.stderr, case.code, case.fragments, multi=case.multi)
-    assert_nothing_half_written(recipe.parent)
+    run_case(case, tiny_cnn_recipe(), monkeypatch)
 
 
 def test_catalogue_size():

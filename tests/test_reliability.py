@@ -1,9 +1,8 @@
 """Reliability: the stage cache, runs killed with SIGKILL and resumed, concurrent runs, determinism, and a
 scan of the library for unpickling paths.
 
-What "identical" means here: every file that manifest.json hashes ("files") plus manifest.json itself are
-byte-identical. report.md holds wall-clock stage times by design and is not hashed; stage.json files hold
-timings too.
+What "identical" means here: every file of the artifact but report.md (which holds wall-clock stage times
+by design and is not hashed) is byte-identical, stage.json included; the hashes manifest.json states hold.
 """
 
 from __future__ import annotations
@@ -51,10 +50,14 @@ def assert_identical(a: Path, b: Path) -> None:
     assert sorted(left) == sorted(right)
     differing = [name for name in left if left[name] != right[name]]
     assert not differing, f"differ between {a} and {b}: {differing}"
+    every = sorted(p.name for p in (a / "artifact").iterdir() if p.name != "report.md")
+    assert every == sorted(p.name for p in (b / "artifact").iterdir() if p.name != "report.md")
+    differing = [n for n in every if (a / "artifact" / n).read_bytes() != (b / "artifact" / n).read_bytes()]
+    assert not differing, f"artifact files differ between {a} and {b}: {differing}"
 
 
 def assert_no_leftovers(run_dir: Path) -> None:
-    hidden = sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != ".lock")
+    hidden = sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name not in (".lock", ".npu-pipeline-run"))
     assert not hidden, f"scratch or trash left in {run_dir}: {hidden}"
     for stage in (p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         assert (stage / "stage.json").is_file(), f"incomplete stage folder {stage}"
@@ -219,13 +222,14 @@ def test_killed_forced_rerun_leaves_the_old_stage_usable(tiny_cnn_recipe, tmp_pa
 
 
 def test_only_the_runners_own_leftovers_are_removed(tiny_cnn_recipe, tmp_path: Path):
-    """`--out` may name a folder holding the user's hidden files: only `.<stage>.<suffix>` folders go."""
+    """A run folder may also hold the user's hidden files: only `.<stage>.<suffix>` folders go."""
     recipe, run = tiny_cnn_recipe(), tmp_path / "run"
+    _run_cli(recipe, run)
     ours = [run / ".calibrate.ab_12cd3", run / ".quantize.old.4242"]
     theirs = [run / ".git", run / ".calibrate.notes", run / ".cache.abcdefgh"]
     for folder in ours + theirs:
         folder.mkdir(parents=True)
-    _run_cli(recipe, run)
+    _run_cli(recipe, run, "--force")
     assert not any(folder.exists() for folder in ours)
     assert all(folder.is_dir() for folder in theirs)
 

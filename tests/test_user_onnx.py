@@ -305,6 +305,7 @@ def test_drop_initializer_inputs_raises_the_ir_version():
          helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 3, 1, 1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=3)
-    assert drop_initializer_inputs(model) == 1
+    model, dropped = drop_initializer_inputs(model)
+    assert dropped == 1
     assert [i.name for i in model.graph.input] == ["x"] and model.ir_version >= 8
     onnx.checker.check_model(model)

@@ -14,20 +14,28 @@ else with the most severe code present, in the order 1 > 2 > 3 > 5 > 4: the furt
 usable artifact, the more severe (nothing known, never started, no artifact, an artifact the NPU rejects,
 an artifact short of its accuracy gates).
 
+Timeouts: each worker is the leader of its own process group (session), so `--timeout` kills the worker
+and every process it started; the group is also killed when the worker ends, and when the batch itself is
+interrupted, so no worker's child outlives the batch.
+
 Sharding: `--shard i/n` (1 <= i <= n) keeps every n-th recipe of the list sorted by path, starting with the
 i-th; n CI jobs given the same arguments cover every recipe exactly once. Duplicate recipe names (or two
-recipes writing the same run folder) are refused before anything runs, in every shard alike.
+recipes writing the same run folder) are refused before anything runs, in every shard alike; names and run
+folders that differ only in case count as the same (macOS and Windows filesystems ignore case).
 """
 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -89,13 +97,21 @@ def _plan(paths: list[Path], out_root: Path | None) -> list[_Planned]:
         planned.append(_Planned(path, recipe, run_dir))
     clashes = []
     for attribute, label in (("name", "recipe name"), ("run_dir", "run folder")):
-        seen: dict[object, list[Path]] = {}
+        seen: dict[str, list[_Planned]] = {}
         for item in planned:
             if item.recipe is not None:
-                key = item.recipe.name if attribute == "name" else item.run_dir
-                seen.setdefault(key, []).append(item.path)
-        clashes += [f"{label} '{key}' in {' and '.join(map(_display, files))}"
-                    for key, files in seen.items() if len(files) > 1]
+                value = str(item.recipe.name if attribute == "name" else item.run_dir)
+                seen.setdefault(value.casefold(), []).append(item)
+        for items in seen.values():
+            if len(items) < 2:
+                continue
+            values = sorted({str(i.recipe.name if attribute == "name" else i.run_dir) for i in items})
+            files = " and ".join(_display(i.path) for i in items)
+            if len(values) == 1:
+                clashes.append(f"{label} '{values[0]}' in {files}")
+            else:
+                clashes.append(f"{label} {' / '.join(repr(v) for v in values)} (the same folder on a case-insensitive "
+                               f"filesystem) in {files}")
     if clashes:
         raise BatchError(
             f"duplicate {'; '.join(clashes)}: each recipe writes its own run folder, so names (and outputs) "
@@ -122,6 +138,8 @@ def run_batch(
     """
     if jobs < 1:
         raise BatchError(f"--jobs: {jobs} is not a positive number of worker processes")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise BatchError(f"--timeout: {timeout} is not a positive number of seconds")
     if isinstance(shard, str):
         shard = Shard.parse(shard)
     start = time.perf_counter()
@@ -138,7 +156,11 @@ def run_batch(
         # Each worker's onnxruntime would otherwise use every core: jobs x cores threads thrash.
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            outcomes = list(pool.map(one, selected))
+            try:
+                outcomes = list(pool.map(one, selected))
+            except BaseException:  # Ctrl-C: workers run in their own sessions, so the terminal's signal
+                _kill_all()         # does not reach them; end them before the pool waits for its threads
+                raise
     return BatchResult(outcomes, jobs, shard, len(everything), time.perf_counter() - start)
 
 
@@ -150,18 +172,13 @@ def _run_planned(
         return RecipeOutcome(shown, item.path.stem, "error", item.error.exit_code, one_line(str(item.error)),
                              str(item.error))
     recipe = item.recipe
-    result_file = results_dir / f"{recipe.name}.json"
+    # Named by the recipe's path, not its name: a long name plus a temporary suffix may not fit a file name.
+    result_file = results_dir / f"{hashlib.sha256(str(item.path).encode()).hexdigest()[:16]}.json"
     command = [sys.executable, "-m", "pipeline.batch", str(item.path), "--out", str(item.run_dir),
                "--result", str(result_file), *(["--force"] if force else [])]
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                                     THREADS_ENV: str(threads)})
-        log, returncode, died = proc.stdout.decode("utf-8", "replace"), proc.returncode, None
-    except subprocess.TimeoutExpired as err:  # subprocess.run has killed the worker
-        log = (err.stdout or b"").decode("utf-8", "replace")
-        returncode, died = None, f"timed out after {timeout:g} s (worker killed)"
+    log, returncode, died = _run_worker(command, timeout, {**os.environ, "PYTHONUNBUFFERED": "1",
+                                                           THREADS_ENV: str(threads)})
     seconds = time.perf_counter() - start
     outcome = RecipeOutcome(shown, recipe.name, "error", 1, target=recipe.quantization.target,
                             format=recipe.quantization.format.value if recipe.quantization.format else None,
@@ -183,3 +200,50 @@ def _run_planned(
     outcome.seconds = round(seconds, 3)
     outcome.recipe = shown
     return outcome
+
+
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is empty already
+
+
+def _kill_all() -> None:
+    with _LIVE_LOCK:
+        for proc in list(_LIVE):
+            _kill_group(proc)
+
+
+def _run_worker(command: list[str], timeout: float | None, env: dict) -> tuple[str, int | None, str | None]:
+    """Run a worker in its own process group; returns (output, exit status or None, why it died or None).
+
+    The worker is waited for without being reaped (WNOWAIT), so its process group id cannot be reused
+    while the group is killed: on a timeout, and after a normal exit (children it left behind).
+    """
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read1(1 << 16), b"")), daemon=True)
+    reader.start()
+    died = None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                died = f"timed out after {timeout:g} s (the worker and its child processes were killed)"
+                break
+            time.sleep(0.05)
+    finally:
+        _kill_group(proc)
+        proc.wait()
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
+    reader.join(timeout=5)  # a process that left the group could keep the pipe open: take what came
+    return b"".join(chunks).decode("utf-8", "replace"), None if died else proc.returncode, died

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "dump_json", "sha256_file", "UMASK"]
+__all__ = ["atomic_write", "write_output", "dump_json", "sha256_file", "UMASK"]
 
 UMASK = os.umask(0)
 os.umask(UMASK)
@@ -42,3 +42,14 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 def dump_json(data: object) -> str:
     return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_output(path: Path, data: bytes | str, *, option: str) -> None:
+    """`atomic_write` to a path the user named (`--json`, `--output`, ...): an OSError (read-only, full,
+    a parent that is a file, a folder in the way) is an OutputError naming the option, not a traceback."""
+    from ..errors import OutputError
+
+    try:
+        atomic_write(path, data)
+    except OSError as err:
+        raise OutputError(f"{option} {path}: cannot write it ({err.strerror or err}); choose another path") from None

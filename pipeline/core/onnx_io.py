@@ -61,6 +61,8 @@ def model_opset(model) -> int:
 
 
 def make_session(model: Path | bytes, *, npu_emulation: bool = False, optimize: bool = True, threads: int = 0):
+    """A CPU-EP session. `npu_emulation`: Q/DQ kept as float ops with their exact semantics, constant
+    weights dequantized once (`pipeline.core.emulation`); `optimize=False`: no graph optimization at all."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -68,11 +70,21 @@ def make_session(model: Path | bytes, *, npu_emulation: bool = False, optimize: 
     threads = threads or int(os.environ.get(THREADS_ENV, "0") or 0)
     if threads:
         options.intra_op_num_threads = threads
-    if npu_emulation or not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    disabled: list[str] = []
     source = str(model) if isinstance(model, Path) else model
+    if npu_emulation:
+        import onnx
+
+        from .emulation import EMULATION_DISABLED_OPTIMIZERS, fold_constant_dequantize
+
+        proto = load_onnx(model, where="model") if isinstance(model, Path) else onnx.ModelProto.FromString(model)
+        source = fold_constant_dequantize(proto).SerializeToString()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        disabled = list(EMULATION_DISABLED_OPTIMIZERS)
+    elif not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph classes
         raise ModelError(f"onnxruntime cannot load {model if isinstance(model, Path) else 'the model'}: {err}") from None
 

@@ -38,9 +38,11 @@ QUANTIZABLE_OPS = frozenset({
     "Tanh", "Erf", "Pow", "Sqrt", "ReduceMean", "LayerNormalization", "InstanceNormalization",
 })
 # Ops whose float outputs are copies, selections, max/min or sign flips of their float inputs: bfloat16 in
-# means bfloat16 out exactly (BF16 emulation rounds nothing after them).
+# means bfloat16 out exactly (BF16 emulation rounds nothing after them). Clip is min/max against bounds the
+# emulation has rounded to bfloat16 already (a ReLU6 after every MobileNet conv: one rounding pair less each).
 BF16_EXACT_OPS = DATA_MOVEMENT_OPS | {
     "GatherElements", "GatherND", "Relu", "MaxPool", "Max", "Min", "ReduceMax", "ReduceMin", "Neg", "Abs", "Where",
+    "Clip",
 }
 
 

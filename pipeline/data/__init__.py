@@ -41,6 +41,8 @@ def open_dataset(recipe, section: str, *, limit: int | None = None, state_model:
         path = ctx.resolve(data.path)
         if not path.exists():
             raise DataError(f"{section}.data.path: {path} does not exist (run 'make data' or fix the recipe path)")
+        if not (path.is_file() or path.is_dir()):  # a FIFO or a device would block or never end
+            raise DataError(f"{section}.data.path: {path} is not a regular file or folder")
     source = data_kinds()[data.kind].open(data, ctx)
     states = recipe.state_inputs()
     if not states:

@@ -43,6 +43,7 @@ from ..core.fileio import sha256_file
 from ..core.schema import StrictModel
 from ..errors import DataError
 from .base import Batch, DataKind, DataSource, OpenContext, SplitSettings, register_data_kind, split_part
+from .limits import open_image
 
 __all__ = ["ImageData", "image_source", "list_images", "load_image", "read_labels", "folder_fingerprint", "IMAGE_SUFFIXES"]
 
@@ -215,7 +216,7 @@ def load_image(path: Path, data: ImageData, height: int, width: int, *, section:
     except ImportError:
         raise DataError(f"{section}.data: image data needs Pillow (pip install pillow)") from None
     try:
-        with Image.open(path) as image:
+        with open_image(path, f"{section}.data") as image:
             image.load()
             mode = "L" if data.channels == "gray" else "RGB"
             # Palette, 16-bit and alpha images convert via RGBA/I first where Pillow needs it.

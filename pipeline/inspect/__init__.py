@@ -132,7 +132,7 @@ class Inspection:
         s = self.summary()
         pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
         if self.detected_format is None:
-            how = "float model, placed as if quantized" if QUANT_SPECS.get(self.format) else "float model"
+            how = "float model, placed as if quantized" if self.format.spec.quantized else "float model"
         elif self.detected_format is self.format:
             how = "detected from the Q/DQ types"
         else:

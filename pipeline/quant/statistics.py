@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..core.ops import PERMUTING_OPS
 from ..core.onnx_io import copy_model, make_session, model_opset
+from ..core.sampling import sample_stride
 from ..errors import DataError, StageError
 from .histogram import StatsCollector
 
@@ -102,13 +103,6 @@ def permuted_aliases(model: onnx.ModelProto, tensors: Mapping[str, list[int]]) -
     return aliases
 
 
-def _next_prime(n: int) -> int:
-    n = max(2, n)
-    while any(n % p == 0 for p in range(2, int(n**0.5) + 1)):
-        n += 1
-    return n
-
-
 class _Instrumented:
     """A copy of the model whose outputs are replaced by the reductions appended to it."""
 
@@ -164,7 +158,7 @@ def _add_histogram_taps(ins: _Instrumented, tensors: Mapping[str, list[int]]) ->
         ins.graph.node.append(helper.make_node("Reshape", [name, "_calib_flat"], [f"{tag}_flat"]))
         sample = f"{tag}_flat"
         if numel > SAMPLE_SIZE:
-            stride = _next_prime(-(-numel // SAMPLE_SIZE))
+            stride = sample_stride(numel, SAMPLE_SIZE)
             consts = {"starts": stride // 2, "ends": numel, "axes": 0, "steps": stride}
             for key, value in consts.items():
                 ins.const(f"{tag}_{key}", [value])

@@ -25,7 +25,7 @@ from ..errors import ModelError, StageError
 from ..recipe import Recipe
 from ..runner import RunContext, Stage
 
-__all__ = ["ExportStage", "load_builder", "builder_problems", "load_source_onnx"]
+__all__ = ["ExportStage", "load_builder", "builder_problems", "load_source_onnx", "check_op_domains"]
 
 
 def load_builder(recipe: Recipe):
@@ -72,6 +72,7 @@ def load_source_onnx(recipe: Recipe):
             f"missing beside it in {source.parent} (copy them next to the model)"
         )
     model = load_onnx(source, where="model.onnx")
+    check_op_domains(model, source)
     problems = signature_problems(*onnx_signature(model), recipe.inputs, where=str(source))
     if problems:
         raise ModelError(problems[0] if len(problems) == 1 else
@@ -130,6 +131,24 @@ class ExportStage(Stage):
             return {"source": "onnx", "opset": model_opset(model), "external_data_inlined": [f.name for f in external],
                     "nonpositive_dims_cleared": cleared}
         return _export_builder(recipe, target)
+
+
+# Operator domains onnxruntime's CPU EP implements; anything else is a custom op it cannot load.
+_RUNTIME_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+
+
+def check_op_domains(model, where: Path) -> None:
+    """Custom-domain ops (no kernel here) fail now, naming the user's file, not a scratch copy later."""
+    local = {(f.domain, f.name) for f in model.functions}  # model-local functions are inlined: fine
+    unknown = [n for n in model.graph.node if n.domain not in _RUNTIME_DOMAINS and (n.domain, n.op_type) not in local]
+    if unknown:
+        node = unknown[0]
+        ops = sorted({f"{n.domain}:{n.op_type}" for n in unknown})
+        raise ModelError(
+            f"model.onnx: {where}: node '{node.name or node.op_type}' uses {node.domain}:{node.op_type}, a custom "
+            f"operator onnxruntime has no kernel for ({len(unknown)} node(s): {', '.join(ops[:5])}); export the "
+            "model with standard ONNX operators"
+        )
 
 
 def _export_builder(recipe: Recipe, target: Path) -> dict:

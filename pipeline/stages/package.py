@@ -8,12 +8,15 @@
     layer_errors.json     per-layer SQNR/cosine, worst first (validate)
     transforms.json       what the accuracy transforms did, per layer (when the recipe asks for any)
     fallback.json         the accuracy-aware fallback's search: every scored config, the chosen one
-    manifest.json         recipe, I/O signature, settings, metrics, gates, versions, sha256 of every file
+    manifest.json         recipe, I/O signature, settings, metrics, gates, versions, sha256 of every file,
+                          and `manifest_sha256`: the sha256 of the manifest's own canonical JSON without it
+    manifest.sig          Ed25519 signature of manifest.json (with `--sign-key`; `pipeline.core.signing`)
     report.md             what a person reads: accuracy, gates, placement, per-stage time
     report.html           the same and the plots (per-layer SQNR, fallback curve, histograms); offline
 
-Everything but `report.md` is deterministic (no timestamps, sorted keys; report.html included), so two
-clean runs give byte-identical files; `report.md` holds wall-clock stage times and is therefore not hashed.
+Everything but `report.md` is deterministic (no timestamps, sorted keys; report.html and the Ed25519
+signature included), so two clean runs give byte-identical files; `report.md` holds wall-clock stage times
+and is therefore not hashed. `verify` (pipeline.bundle) checks the exact file set against `files`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import json
 import shutil
 from pathlib import Path
 
+import hashlib
+
+from ..core import signing
 from ..core.fileio import atomic_write, dump_json, sha256_file
 from ..core.onnx_io import load_onnx
 from ..gates import evaluate_gates
@@ -30,10 +36,16 @@ from ..recipe import Recipe
 from ..report import render_html, render_markdown, worst_histograms
 from ..runner import RunContext, Stage, library_versions
 
-__all__ = ["PackageStage", "STAGE_ORDER"]
+__all__ = ["PackageStage", "STAGE_ORDER", "UNHASHED", "manifest_digest"]
 
 STAGE_ORDER = ("export", "prepare", "calibrate", "quantize", "validate")
-UNHASHED = {"report.md", "manifest.json", "stage.json"}
+UNHASHED = {"report.md", "manifest.json", "stage.json", signing.SIGNATURE_FILE}
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own `manifest_sha256` (what `verify` recomputes)."""
+    rest = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    return hashlib.sha256(dump_json(rest).encode()).hexdigest()
 
 
 def _signature(model) -> dict:
@@ -58,11 +70,20 @@ class PackageStage(Stage):
     folder = "artifact"
     outputs = ("model.onnx", "model.float.onnx", "vitisai_ep.json", "placement.json", "manifest.json",
                "report.md", "report.html")
-    optional_outputs = ("vitisai_config.json", "layer_errors.json", "transforms.json", "fallback.json")
+    optional_outputs = ("vitisai_config.json", "layer_errors.json", "transforms.json", "fallback.json",
+                        signing.SIGNATURE_FILE)
     # The manifest embeds the whole recipe, so every section is part of the key.
     sections = tuple(name for name in Recipe.model_fields if name != "base_dir")
     after = ("prepare", "calibrate", "quantize", "validate")
-    revision = 2  # 2: layer_errors/transforms/fallback JSON and report.html
+    revision = 3  # 2: layer_errors/transforms/fallback JSON and report.html; 3: manifest_sha256, signing
+    disposable = ("vitisai_cache",)  # the VitisAI EP's compile cache, made by `infer` on an NPU
+
+    def __init__(self, sign_key: Path | None = None) -> None:
+        # The private key signs manifest.json; loaded here so a bad key fails before any stage runs.
+        self.sign_key = signing.load_private_key(sign_key) if sign_key is not None else None
+
+    def extra_key(self, ctx: RunContext) -> dict:
+        return {"signing_key": signing.key_id(self.sign_key.public_key()) if self.sign_key else None}
 
     def run(self, ctx: RunContext, out: Path) -> dict:
         recipe = ctx.recipe
@@ -112,7 +133,13 @@ class PackageStage(Stage):
             p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name not in UNHASHED
         }
         manifest["files"] = files
-        atomic_write(out / "manifest.json", dump_json(manifest))
+        if self.sign_key is not None:
+            manifest["signing_key"] = signing.key_id(self.sign_key.public_key())
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        text = dump_json(manifest)
+        atomic_write(out / "manifest.json", text)
+        if self.sign_key is not None:
+            atomic_write(out / signing.SIGNATURE_FILE, signing.sign(text.encode(), self.sign_key))
         atomic_write(out / "report.md", render_markdown(manifest, metrics, records, inspection, **extras))
         return {"gates_passed": manifest["gates_passed"], "gates": manifest["gates"], "files": files}
 

@@ -23,7 +23,7 @@ from ..core.masks import MASK_FLOOR
 from ..core.onnx_io import load_onnx, make_session, model_opset, save_onnx, static_input_shapes
 from ..core.signature import onnx_signature, signature_problems
 from ..data import open_dataset
-from ..errors import ModelError, StageError
+from ..errors import DataError, ModelError, StageError
 from ..recipe import Recipe
 from ..runner import RunContext, Stage
 
@@ -92,19 +92,22 @@ def clamp_mask_constants(model) -> int:
     return count
 
 
-def drop_initializer_inputs(model) -> int:
-    """Remove graph inputs that name an initializer; returns how many. Raises the IR version to what the
-    opset needs (IR < 4 required initializers to be listed as inputs)."""
+def drop_initializer_inputs(model):
+    """(model without graph inputs that name an initializer, how many were dropped), by onnx_ir's
+    RemoveInitializersFromInputsPass; the IR version is raised to what the opset needs (IR < 4 required
+    initializers to be listed as inputs). A model with none is returned as it is."""
+    import onnx_ir as ir
     from onnx import helper
+    from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
     model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(model.opset_import), True))
     init = {t.name for t in model.graph.initializer}
-    keep = [v for v in model.graph.input if v.name not in init]
-    dropped = len(model.graph.input) - len(keep)
-    if dropped:
-        del model.graph.input[:]
-        model.graph.input.extend(keep)
-    return dropped
+    dropped = sum(v.name in init for v in model.graph.input)
+    if not dropped:
+        return model, 0
+    ir_model = ir.serde.deserialize_model(model)
+    RemoveInitializersFromInputsPass()(ir_model)
+    return ir.serde.serialize_model(ir_model), dropped
 
 
 def fold_batchnorm(model) -> dict[str, int]:
@@ -238,7 +241,7 @@ class PrepareStage(Stage):
                     f"prepare: cannot convert opset {opset_before} to {recipe.export.opset}: {err}"
                 ) from None
         masks = clamp_mask_constants(model)
-        init_inputs = drop_initializer_inputs(model)
+        model, init_inputs = drop_initializer_inputs(model)
         try:
             model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
         except Exception as err:
@@ -293,6 +296,16 @@ def _ort_basic_optimize(source: Path, target: Path) -> None:
         raise StageError(f"prepare: onnxruntime cannot optimise the model: {err}") from None
 
 
+def _check_finite_outputs(outputs, session) -> None:
+    """Inputs that overflow float32 inside the model (3e38) give inf/NaN: a data problem, named here."""
+    for meta, value in zip(session.get_outputs(), outputs):
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise DataError(
+                f"calibration data, sample 0: the float model's output '{meta.name}' is NaN/inf on it (values "
+                "this large overflow float32 inside the model); scale the data as the model expects"
+            )
+
+
 def _compare_with_export(ctx: RunContext, exported: Path, prepared: Path) -> float:
     """Max abs difference of all outputs between the exported and the prepared model on one sample."""
     recipe = ctx.recipe
@@ -304,6 +317,7 @@ def _compare_with_export(ctx: RunContext, exported: Path, prepared: Path) -> flo
         want = before.run(None, {**constants, **sample})
     except Exception as err:  # a model that rejects the declared inputs
         raise ModelError(f"inputs: the exported model rejects the recipe's inputs: {err}") from None
+    _check_finite_outputs(want, before)
     have = make_session(prepared, optimize=False).run(None, sample)
     diff = max(float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0 for a, b in zip(want, have))
     # Optimizations reorder float math; beyond this the rewrite changed what the model computes.

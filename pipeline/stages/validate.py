@@ -22,7 +22,8 @@ from ..core.metrics import OutputAccumulator
 from ..core.onnx_io import load_onnx, make_session
 from ..core.tasks import task_metrics
 from ..data import dataset_fingerprint, open_dataset
-from ..errors import StageError
+from ..data.labels import check_class_labels
+from ..errors import DataError, StageError
 from ..quant.layer_error import layer_error_report
 from ..runner import RunContext, Stage
 
@@ -73,7 +74,14 @@ class ValidateStage(Stage):
                 cpu_acc.update(ref[task_index], cpu)
                 cpus.append(cpu)
         ref_all, npu_all = np.concatenate(refs), np.concatenate(npus)
+        if ref_all.dtype.kind == "f" and not np.isfinite(ref_all).all():
+            sample = int(np.flatnonzero(~np.isfinite(ref_all.reshape(len(ref_all), -1)).any(axis=1))[0])
+            raise DataError(f"validation data ({data.description}), sample {sample}: the float model's output "
+                            f"'{task_output}' is NaN/inf (the input overflows float32 inside the model); fix the data")
         labels = data.labels
+        if labels is not None and recipe.validation.task == "classification":
+            classes = ref_all.reshape(len(ref_all), -1).shape[1]
+            labels = check_class_labels(labels, f"validation.data.labels ({data.description})", classes=classes)
         metrics = {
             "samples": len(refs),
             "task": recipe.validation.task,

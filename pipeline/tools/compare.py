@@ -131,10 +131,10 @@ class CompareResult:
         }
 
     def write(self) -> list[Path]:
-        from ..core.fileio import atomic_write, dump_json
+        from ..core.fileio import dump_json, write_output
         from . import plots
 
-        atomic_write(self.out / "compare.json", dump_json(self.to_json()))
+        write_output(self.out / "compare.json", dump_json(self.to_json()), option="--out")
         metric = self.bar.split()[0] if self.bar and not self.bar.startswith("gates") else "accuracy"
         ranked = sorted(self.variants, key=lambda v: (not v.built, v.cost_key()))
         points = [(v.label, i, v.figures.get(metric), v is self.chosen) for i, v in enumerate(ranked)]
@@ -147,7 +147,7 @@ class CompareResult:
                     plots.table(header, body),
                     f"<p class=note>{plots.escape(self.to_json()['cost_order'])}. CPU p50: onnxruntime's CPU EP on "
                     "this machine, not the NPU. Worst layer SQNR: the lowest per-layer SQNR of layer_errors.json.</p>"]
-        atomic_write(self.out / "compare.html", plots.page(f"compare: {self.recipe}", sections))
+        write_output(self.out / "compare.html", plots.page(f"compare: {self.recipe}", sections), option="--out")
         return [self.out / "compare.json", self.out / "compare.html"]
 
 

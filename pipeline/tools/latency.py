@@ -90,11 +90,11 @@ class BenchResult:
                 "not_measured": self.not_measured(), "rows": [r.as_dict() for r in self.rows]}
 
     def write(self, out: Path) -> list[Path]:
-        from ..core.fileio import atomic_write, dump_json
+        from ..core.fileio import dump_json, write_output
         from . import plots
 
         out = Path(out)
-        atomic_write(out / "bench.json", dump_json(self.to_json()))
+        write_output(out / "bench.json", dump_json(self.to_json()), option="--out")
         measured = [r for r in self.rows if r.measured]
         chart = plots.latency_chart([(f"{r.artifact} | {r.model} | {_short(r.ep)}", r.figures["p50_ms"],
                                       r.figures["p90_ms"], r.figures["p99_ms"]) for r in measured])
@@ -110,7 +110,8 @@ class BenchResult:
         ]
         if self.not_measured():
             sections.append("<h2>Not measured</h2><ul>" + "".join(f"<li>{plots.escape(t)}</li>" for t in self.not_measured()) + "</ul>")
-        atomic_write(out / "bench.html", plots.page("bench: latency per model and execution provider", sections))
+        write_output(out / "bench.html", plots.page("bench: latency per model and execution provider", sections),
+                     option="--out")
         return [out / "bench.json", out / "bench.html"]
 
 

@@ -1,0 +1,7 @@
+"""`python -m pipeline.bench` (what `make bench` runs)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""NPU emulation at speed keeps the numbers: constant dequantization folded bit for bit, Q/DQ never fused
+into integer kernels, and validation metrics unchanged against the unoptimized graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.core.emulation import fold_constant_dequantize
+from pipeline.core.formats import Format
+from pipeline.core.onnx_io import make_session
+
+RNG = np.random.default_rng(0)
+
+
+def _dq_model(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, *, axis: int | None = None,
+              domain: str = "", opset: int = 17) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "s")]
+    inputs = ["q", "s"]
+    if zero is not None:
+        inits.append(numpy_helper.from_array(zero, "z"))
+        inputs.append("z")
+    attrs = {} if axis is None else {"axis": axis}
+    node = helper.make_node("DequantizeLinear", inputs, ["w"], domain=domain, **attrs)
+    # The folded constant is read by an Identity so that it stays a tensor the graph computes with.
+    graph = helper.make_graph([node, helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("case", ["int8", "uint8-zp", "int8-per-axis", "int32-bias", "int16-contrib", "int4-per-axis"])
+def test_folded_dequantization_is_bit_identical_to_onnxruntime(case):
+    scale = np.float32(RNG.uniform(1e-4, 1e-1))
+    if case == "int8":
+        model = _dq_model(RNG.integers(-128, 128, (16, 8, 3, 3)).astype(np.int8), np.array(scale), np.array(0, np.int8))
+    elif case == "uint8-zp":
+        model = _dq_model(RNG.integers(0, 256, (64, 9)).astype(np.uint8), np.array(scale), np.array(131, np.uint8))
+    elif case == "int8-per-axis":
+        model = _dq_model(RNG.integers(-128, 128, (16, 8, 3, 3)).astype(np.int8),
+                          RNG.uniform(1e-4, 1e-1, 16).astype(np.float32), np.zeros(16, np.int8), axis=0)
+    elif case == "int32-bias":
+        model = _dq_model(RNG.integers(-(2**31), 2**31 - 1, 32).astype(np.int32), np.array(scale * 1e-3), None)
+    elif case == "int16-contrib":
+        model = _dq_model(RNG.integers(-32768, 32768, (32, 32)).astype(np.int16), np.array(scale),
+                          np.array(0, np.int16), domain="com.microsoft")
+    else:  # int4 weights, per output channel, as A16W4 writes them
+        q = helper.make_tensor("q", TensorProto.INT4, [8, 6], RNG.integers(-8, 8, 48).tolist())
+        model = _dq_model(np.zeros(1, np.int8), RNG.uniform(1e-3, 1e-1, 8).astype(np.float32),
+                          None, axis=0, domain="com.microsoft")
+        model.graph.initializer[0].CopyFrom(q)
+        model.graph.initializer.append(helper.make_tensor("z", TensorProto.INT4, [8], [0] * 8))
+        model.graph.node[0].input.append("z")
+    reference = make_session(model.SerializeToString(), optimize=False).run(None, {})[0]
+    folded = fold_constant_dequantize(model)
+    assert not any(n.op_type == "DequantizeLinear" for n in folded.graph.node)
+    got = numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == "w"))
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), reference.view(np.uint32))
+
+
+def _quantized_cnn(fmt: Format):
+    """A small real CNN (conv, depthwise conv, residual add, ReLU6, linear) through the pipeline's quantizer."""
+    import torch
+
+    from pipeline.quant.qdq import quantize_qdq
+    from pipeline.quant.statistics import collect_histograms
+    from pipeline.targets import get_target
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.pw = torch.nn.Conv2d(8, 8, 1)
+            self.fc = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = torch.nn.functional.relu6(self.c1(x))
+            y = y + self.pw(torch.nn.functional.relu6(self.dw(y)))
+            return self.fc(y.mean(dim=(2, 3)))
+
+    path = Path(pytest.importorskip("tempfile").mkdtemp()) / "net.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(1, 3, 16, 16),), str(path), input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))  # as prepare leaves it
+    batches = [{"x": RNG.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(24)]
+    stats = collect_histograms(model, batches[:16], progress=False)
+    target = get_target("cpu" if fmt in (Format.U8S8, Format.A16W4) else "xdna2")
+    qmodel, _, _ = quantize_qdq(model, stats, target=target, fmt=fmt, method="minmax")
+    return qmodel, batches[16:]
+
+
+@pytest.mark.parametrize("fmt", ["xint8", "a8w8", "a16w8", "u8s8", "a16w4"])
+def test_emulation_is_bit_identical_on_a_cnn_in_every_format(fmt):
+    """Conv models: the fast session and the unoptimized graph agree bit for bit (no Q/DQ fused, no
+    weight re-quantized), in every integer format including u8s8, which the fused kernels would change."""
+    qmodel, batches = _quantized_cnn(Format(fmt))
+    reference = make_session(qmodel.SerializeToString(), optimize=False)
+    fast = make_session(qmodel.SerializeToString(), npu_emulation=True)
+    for batch in batches:
+        want, got = reference.run(None, batch)[0], fast.run(None, batch)[0]
+        assert np.array_equal(want, got), float(np.abs(want - got).max())
+
+
+def test_emulation_leaves_validation_metrics_unchanged_on_a_transformer_block():
+    """MatMul weights pre-packed by onnxruntime may sum in another order: metrics stay equal to print."""
+    from pipeline.core.metrics import compare_outputs
+    from pipeline.core.tasks import task_metrics
+    from pipeline.quant.qdq import quantize_qdq
+    from pipeline.quant.statistics import collect_histograms
+    from pipeline.targets import get_target
+
+    d = 32
+    w1, w2 = RNG.standard_normal((d, 4 * d)).astype(np.float32) / 6, RNG.standard_normal((4 * d, d)).astype(np.float32) / 10
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["f"]), helper.make_node("Add", ["x", "f"], ["s"]),
+        helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1),
+    ]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, d])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                               numpy_helper.from_array(np.ones(d, np.float32), "g"),
+                               numpy_helper.from_array(np.zeros(d, np.float32), "b")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    batches = [{"x": RNG.standard_normal((1, 16, d)).astype(np.float32)} for _ in range(40)]
+    stats = collect_histograms(model, batches[:20], progress=False)
+    for fmt in (Format.A8W8, Format.A16W8):
+        qmodel, _, _ = quantize_qdq(model, stats, target=get_target("xdna2"), fmt=fmt, method="minmax")
+        float_session = make_session(model.SerializeToString())
+        refs = np.concatenate([float_session.run(None, b)[0] for b in batches[20:]])
+        metrics = []
+        for session in (make_session(qmodel.SerializeToString(), optimize=False),
+                        make_session(qmodel.SerializeToString(), npu_emulation=True)):
+            got = np.concatenate([session.run(None, b)[0] for b in batches[20:]])
+            metrics.append({**compare_outputs([refs], [got]), **task_metrics("embedding", refs, got, None)})
+        slow, fast = metrics
+        assert fast["sqnr_db"] == pytest.approx(slow["sqnr_db"], abs=1e-3)
+        assert fast["cosine_mean"] == pytest.approx(slow["cosine_mean"], abs=1e-6)
+        assert fast["nn_agreement"] == slow["nn_agreement"]
