@@ -1,12 +1,14 @@
 """`npu-pipeline check`: everything `run` would refuse about a recipe, found at once, without running a stage.
 
 In the order `run` meets them: the recipe's schema (all errors at once, as `load_recipe` reports them);
-the output folder (can it be created and written); the model (the ONNX file, its external data and its
+the output folder (can it be created and written, is it a run folder or empty, is each stage folder in it
+one npu-pipeline finished); the model (the ONNX file, its external data and its
 signature against `inputs`, or the builder: imported, called, its example inputs against `inputs`); the
 calibration data, `quantization.exclude_nodes`, the validation data, `validation.output` and the gates'
 metrics (are they measured for the task). Each data source is opened and every sample the recipe would
 use is read and checked (names, shapes, dtypes, NaN/inf, labels), as calibrate and validate would. The
-builder is trusted code, run as `run` runs it; nothing is written.
+builder is trusted code, run as `run` runs it; nothing is written. An ONNX model is run on the first
+sample of each data source, as prepare and validate run it (inputs it rejects, outputs that overflow).
 
 What only running can tell is not checked: whether the exporter and onnxruntime accept the model, what
 prepare makes of it, and the accuracy. Recurrent states are fed their initial value here (recording them
@@ -20,12 +22,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core.onnx_io import load_onnx
+from .api import STAGES, stage_by_name
+from .core.onnx_io import load_onnx, make_session
 from .core.signature import TensorSig, external_data_files, onnx_signature, signature_problems
 from .data import INITIAL_STATES, open_dataset
 from .data.labels import check_class_labels
-from .errors import DataError, ModelError, PipelineError, RecipeError, StageError
+from .errors import DataError, ModelError, OutputError, PipelineError, RecipeError, StageError
 from .recipe import Recipe, load_recipe
+from .runner import MARKER, StageRecord
+from .stages.export import builder_problems, check_op_domains, load_builder
 
 __all__ = ["CheckReport", "check_recipe", "measured_metrics"]
 
@@ -67,7 +72,8 @@ def measured_metrics(task: str, *, labels: bool, samples: int) -> set[str]:
 
 
 def _output_problem(run_dir: Path) -> PipelineError | None:
-    """Whether the run folder could be created and written (the runner's lock needs both)."""
+    """What the runner would refuse about the run folder, found without writing: a parent that is a file or
+    not writable, a folder holding the user's files, a stage folder npu-pipeline did not finish."""
     for folder in (run_dir, *run_dir.parents):
         if folder.exists():
             if not folder.is_dir():
@@ -75,10 +81,54 @@ def _output_problem(run_dir: Path) -> PipelineError | None:
             elif not os.access(folder, os.W_OK | os.X_OK):
                 reason = f"no permission to write in {folder}"
             else:
-                return None
-            return PipelineError(f"output folder {run_dir}: cannot write there ({reason}); "
-                                 "choose another --out or fix the recipe's output")
+                break
+            return OutputError(f"output folder {run_dir}: cannot write there ({reason}); "
+                               "choose another --out or fix the recipe's output")
+    if not run_dir.is_dir() or (run_dir / MARKER).is_file():
+        return _stage_folder_problem(run_dir)
+    entries = sorted(run_dir.iterdir())
+    stage_folders = {stage_by_name(name).folder_name() for name in STAGES}
+    ours = any(e.name == ".lock" for e in entries) and all(
+        e.name.startswith(".") or (e.name in stage_folders and StageRecord.load(e) is not None) for e in entries)
+    if entries and not ours:
+        shown = ", ".join(e.name for e in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        return OutputError(f"output folder {run_dir} is not empty ({shown}) and is not an npu-pipeline run folder "
+                           f"(no {MARKER}); choose another --out (or the recipe's output)")
+    return _stage_folder_problem(run_dir)
+
+
+def _stage_folder_problem(run_dir: Path) -> PipelineError | None:
+    for name in STAGES:
+        stage = stage_by_name(name)
+        final = run_dir / stage.folder_name()
+        if final.exists() or final.is_symlink():
+            if final.is_symlink() or not final.is_dir() or StageRecord.load(final) is None:
+                return OutputError(f"{final} exists but is not a finished '{stage.name}' stage (no stage.json): it was "
+                                   "not written by npu-pipeline, so it is left alone; move it away or choose another --out")
     return None
+
+
+def _first_sample_runs(recipe: Recipe, model: Path, section: str, source, report: CheckReport) -> None:
+    """Run the ONNX source on the section's first sample, as prepare (calibration) and validate do."""
+    import numpy as np
+
+    try:
+        sample = next(iter(source))
+        session = make_session(model, optimize=False)
+        constants = {s.name: s.constant_array() for s in recipe.constant_inputs()}
+        outputs = session.run(None, {**constants, **sample})
+    except PipelineError:
+        return  # the data check above reported it
+    except Exception as err:  # onnxruntime's own error classes: inputs the model rejects
+        report.problems.append(ModelError(f"inputs: the model rejects the recipe's inputs: {err}"))
+        return
+    for meta, value in zip(session.get_outputs(), outputs):
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            where = "calibration data" if section == "calibration" else f"validation data ({source.description})"
+            report.problems.append(DataError(
+                f"{where}, sample 0: the float model's output '{meta.name}' is NaN/inf on it (values this large "
+                "overflow float32 inside the model); scale the data as the model expects"))
+            return
 
 
 def _check_onnx(recipe: Recipe, report: CheckReport) -> tuple[list[TensorSig], set[str]] | None:
@@ -98,6 +148,11 @@ def _check_onnx(recipe: Recipe, report: CheckReport) -> tuple[list[TensorSig], s
     except ModelError as err:
         report.problems.append(err)
         return None
+    try:
+        check_op_domains(model, source)
+    except ModelError as err:
+        report.problems.append(err)
+        return None
     inputs, outputs = onnx_signature(model)
     report.problems += [ModelError(p) for p in signature_problems(inputs, outputs, recipe.inputs, where=str(source))]
     report.facts.append(f"model {source.name}: inputs " + ", ".join(f"{i.name} {list(i.dims or [])} {i.dtype}" for i in inputs)
@@ -106,8 +161,6 @@ def _check_onnx(recipe: Recipe, report: CheckReport) -> tuple[list[TensorSig], s
 
 
 def _check_builder(recipe: Recipe, report: CheckReport) -> None:
-    from .stages.export import builder_problems, load_builder
-
     try:
         module, example = load_builder(recipe)  # trusted code, called as export calls it
     except (ModelError, StageError) as err:
@@ -166,13 +219,20 @@ def check_recipe(path: Path | str) -> CheckReport:
     output = _output_problem(recipe.output_dir())
     if output is not None:
         report.problems.append(output)
+    before = len(report.problems)
     onnx_info = _check_onnx(recipe, report) if recipe.model.onnx is not None else _check_builder(recipe, report)
-    _check_data(recipe, "calibration", report)
+    calibration = _check_data(recipe, "calibration", report)
+    # The model runs only when it fits the recipe and the data fits it (else those problems say it all).
+    runnable = onnx_info is not None and len(report.problems) == before
+    if runnable and calibration is not None:
+        _first_sample_runs(recipe, recipe.resolve(recipe.model.onnx), "calibration", calibration, report)
     if onnx_info is not None:
         unknown = sorted(set(recipe.quantization.exclude_nodes) - onnx_info[1])
         if unknown:
             report.problems.append(RecipeError(f"quantization.exclude_nodes: no node named {', '.join(unknown)} in the model"))
     validation = _check_data(recipe, "validation", report)
+    if runnable and validation is not None and len(report.problems) == before:
+        _first_sample_runs(recipe, recipe.resolve(recipe.model.onnx), "validation", validation, report)
     if onnx_info is not None and recipe.validation.output is not None:
         names = [o.name for o in onnx_info[0]]
         if recipe.validation.output not in names:

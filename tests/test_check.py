@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import yaml
 
-from .test_bad_inputs import CASES, _invoke, assert_clean_failure, edit, write_npz
+from .test_bad_inputs import CASES, _invoke, assert_clean_failure, edit, snapshot, write_npz
+from .test_hostile_inputs import CASES as HOSTILE_CASES
 
-RUN_CASES = [c for c in CASES if c.command == "run"]
+# Every case of both catalogues that `run` meets with the plain recipe (no extra command-line arguments).
+RUN_CASES = [c for c in [*CASES, *HOSTILE_CASES] if c.command == "run" and c.args is None]
 
 
 @pytest.mark.parametrize("case", RUN_CASES, ids=[c.id for c in RUN_CASES])
@@ -18,10 +20,13 @@ def test_check_agrees_with_run(case, tiny_cnn_recipe, monkeypatch):
     recipe = tiny_cnn_recipe()
     monkeypatch.syspath_prepend(str(recipe.parent))
     case.setup(recipe)
+    for key, value in case.env:
+        monkeypatch.setenv(key, value)
+    before = snapshot(recipe.parent)
     result = _invoke(["check", str(recipe)], recipe.parent)
     # run stops at the first problem; check goes on and may list its consequences too (several lines).
     assert_clean_failure(result.exit_code, result.stdout, result.stderr, case.code, case.fragments, multi=True)
-    assert not (recipe.parent / "out").exists(), "check must not write a run folder"
+    assert snapshot(recipe.parent) == before, "check must write nothing"
 
 
 def test_check_passes_a_good_recipe_and_writes_nothing(tiny_cnn_recipe):
@@ -35,21 +40,20 @@ def test_check_passes_a_good_recipe_and_writes_nothing(tiny_cnn_recipe):
 
 
 def test_check_lists_every_problem_at_once(tiny_cnn_recipe):
-    """An unwritable output, a NaN in calibration, an unknown node, too few labels and an unmeasured gate."""
+    """An unwritable output, a NaN in calibration, an unknown node, too few labels and an unknown output."""
     recipe = tiny_cnn_recipe()
     x = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
     x[5, 0, 0, 0] = np.nan
     write_npz("calib.npz", x=x)(recipe)
     write_npz("val.npz", x=x[8:], label=np.zeros(3, np.int64))(recipe)
     (recipe.parent / "blocker").write_text("")
-    edit(**{"output": "blocker/out", "quantization.exclude_nodes": ["nope"],
-            "gates": [{"metric": "nn_agreement", "min": 90}]})(recipe)
+    edit(**{"output": "blocker/out", "quantization.exclude_nodes": ["nope"], "validation.output": "scores"})(recipe)
     result = _invoke(["check", str(recipe)], recipe.parent)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert "5 problems that 'run' would refuse" in lines[0], result.stderr
     expected = ["output folder", "calib.npz, sample 5: input 'x' holds 1 NaN/inf", "quantization.exclude_nodes: no node named nope",
-                "validation.data.labels", "gates[0].metric: 'nn_agreement' is not measured"]
+                "validation.data.labels", "validation.output: the model has no output 'scores'"]
     for line, fragment in zip(lines[1:], expected):  # in the order run meets them
         assert fragment in line, (fragment, result.stderr)
 

@@ -97,6 +97,7 @@ def _open(data: NpzData, ctx: OpenContext) -> DataSource:
                 f"{section}.data: {path} has no array '{key}' for input '{spec.name}' "
                 f"(it has: {', '.join(sorted(keys)) or 'nothing'}); set data.arrays.{spec.name}"
             )
+        _read_member(key, path, section, max_rows=1)  # an unreadable array (pickle, damage, size) says so first
         shapes[spec.name] = (key, _header_shape(path, key, f"{section}.data: {path}"))
         if _rule(shapes[spec.name][1], spec) is None:
             raise _shape_error(shapes[spec.name][1], spec, f"{section}.data: {path}: array '{key}'")
