@@ -110,30 +110,48 @@ for _stage, _doc in [
 
 
 @app.command()
-@_user_errors
 def check(recipes: list[Path] = typer.Argument(..., help="Recipe YAML file(s).")) -> None:
-    """Validate recipes without running them (schema, target, format, data files, classification labels)."""
-    from .data.labels import preflight_labels
-    from .errors import DataError
-    from .recipe import load_recipe
+    """Everything 'run' would refuse, at once, without running a stage: schema, output folder, model
+    signature, every data sample, gates (see pipeline/preflight.py)."""
+    from .preflight import check_recipe
 
+    code = 0
     for path in recipes:
-        spec = load_recipe(path)
-        target, fmt = spec.target_and_format()
-        for section in ("calibration", "validation"):
-            if not hasattr(getattr(spec, section).data, "path"):  # kind 'builder': code, not a file
-                continue
-            data = spec.resolve(getattr(spec, section).data.path)
-            if not data.exists():
-                raise DataError(f"{path}: {section}.data.path: {data} does not exist (run make data, or fix the path)")
-        preflight_labels(spec)
-        if spec.model.onnx is not None:  # the outputs the recipe names, and the gates' metrics, against the model
-            from .core.onnx_io import load_onnx
-            from .gates import check_outputs
+        try:
+            report = check_recipe(path)
+            report.raise_for_problems()
+        except PipelineError as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            code = code or err.exit_code
+            continue
+        target, fmt = report.recipe.target_and_format()
+        typer.echo(f"ok  {path}: {report.recipe.name} ({target.name}, {fmt.value})")
+        for line in report.facts:
+            typer.echo(f"    {line}")
+        for line in report.notes:
+            typer.echo(f"    note: {line}")
+    if code:
+        raise typer.Exit(code)
 
-            names = [o.name for o in load_onnx(spec.resolve(spec.model.onnx), where="model.onnx").graph.output]
-            check_outputs(list(spec.gates), spec.validation, names, where=str(path))
-        typer.echo(f"ok  {path}: {spec.name} ({target.name}, {fmt.value})")
+
+@app.command()
+@_user_errors
+def init(
+    model: str = typer.Argument(..., help="An ONNX file, or a builder 'package.module:function'."),
+    data: Optional[Path] = typer.Option(None, "--data", help="A folder of images or .wav files, an .npz, a .wav or a .txt."),
+    target: str = typer.Option("xdna2", "--target", "-t", help="xdna1, xdna2 or cpu."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="Number format (default: the target's; xdna2: a8w8)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Recipe file to write (default: ./<model>.yaml)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing recipe file."),
+) -> None:
+    """Write a commented recipe from MODEL's signature: runs as is with --data; lists what is yours to decide."""
+    from .tools.init_recipe import init_recipe
+
+    result = init_recipe(model, data=data, target=target, fmt=fmt, out=output, force=force)
+    typer.echo(f"written: {result.path}")
+    for line in result.decisions:
+        typer.echo(f"  decide: {line}")
+    typer.echo(f"next: npu-pipeline check {result.path} && npu-pipeline run {result.path}")
 
 
 @app.command(name="inspect")

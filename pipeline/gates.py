@@ -8,7 +8,9 @@ recipe error (exit 2).
 Default gate: every float output must have no dead channel (a channel the quantized model holds constant
 while the float one varies: a detector's class scores rounded to 0 next to its box coordinates). It fails
 the run (exit 4) unless the recipe waives it with a reason (`validation.allow_dead_channels`, or
-`validation.outputs.<output>.allow_dead_channels`).
+`validation.outputs.<output>.allow_dead_channels`). A recurrent state output (fed back to an input by
+`inputs[].from_output`) is waived by its nature: nobody reads it but the model, which is judged on the
+outputs the state feeds; its dead channels are still reported.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _output_metrics(metrics: dict, output: str | None, where: str) -> tuple[str,
     return name, outputs[name]
 
 
-def evaluate_gates(gates: list[Gate], metrics: dict, *, validation=None) -> list[GateResult]:
+def evaluate_gates(gates: list[Gate], metrics: dict, *, validation=None, states: dict[str, str] | None = None) -> list[GateResult]:
     """The recipe's gates, then the default dead-channel gates (`validation`: the recipe's section, for
     the waivers)."""
     results = []
@@ -82,17 +84,21 @@ def evaluate_gates(gates: list[Gate], metrics: dict, *, validation=None) -> list
             )
         value = float(measured[gate.metric])
         results.append(GateResult(gate.metric, value, gate.min, gate.max, gate_holds(value, gate.min, gate.max), name))
-    return results + dead_channel_gates(metrics, validation)
+    return results + dead_channel_gates(metrics, validation, states)
 
 
-def dead_channel_gates(metrics: dict, validation=None) -> list[GateResult]:
-    """One default gate per float output with channels: no dead channel, unless waived with a reason."""
+def dead_channel_gates(metrics: dict, validation=None, states: dict[str, str] | None = None) -> list[GateResult]:
+    """One default gate per float output with channels: no dead channel, unless waived with a reason.
+    `states`: {state output: the input it feeds}, waived (see the module docstring)."""
     results = []
+    states = states or {}
     for name, measured in (metrics.get("outputs") or {}).items():
         if "dead_channels" not in measured:
             continue
         dead = int(measured["dead_channels"])
-        waiver = _waiver(validation, name)
+        waiver = _waiver(validation, name) or (
+            f"recurrent state fed back to input '{states[name]}', judged through the outputs it feeds"
+            if name in states else None)
         if dead == 0:
             results.append(GateResult("dead_channels", 0.0, None, 0.0, True, name, default=True))
             continue

@@ -24,6 +24,7 @@ from .core.yaml_io import load_yaml
 from .data import data_kinds, dataset_schemas
 from .errors import RecipeError
 from .quant.guard import GuardConfig
+from .modelspec import InputSpec, ModelSource
 from .quant.ranges import range_methods
 from .quant.transforms import transform_registry
 from .targets import TARGETS, get_target
@@ -51,34 +52,6 @@ def _known_method(name: str) -> str:
 
 # A registered range method's name (`pipeline.quant.ranges`): minmax, percentile, entropy, mse, auto, ...
 CalibMethod = Annotated[str, AfterValidator(_known_method)]
-
-
-class ModelSource(_Strict):
-    """Exactly one of `builder` (trusted Python code `module:function`) or `onnx` (a file)."""
-
-    builder: str | None = None
-    onnx: Path | None = None
-    # Extra keyword arguments for the builder (e.g. a weights file path).
-    args: dict[str, Union[str, int, float, bool]] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "ModelSource":
-        if (self.builder is None) == (self.onnx is None):
-            raise ValueError("give exactly one of 'builder' (module:function) or 'onnx' (path to a .onnx file)")
-        if self.builder is not None and (":" not in self.builder or self.builder.count(":") != 1):
-            raise ValueError(f"builder {self.builder!r} must look like 'package.module:function'")
-        if self.onnx is not None and self.args:
-            raise ValueError("'args' only applies to a builder")
-        return self
-
-
-DType = Literal["float32", "float16", "int64", "int32", "int8", "uint8", "bool"]
-
-
-class InputSpec(_Strict):
-    name: str
-    shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
-    dtype: DType = "float32"
 
 
 # The data kinds registered in `pipeline.data` (npz, text, images, ...), told apart by `kind`.
@@ -242,7 +215,32 @@ class Recipe(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"input names must be unique; repeated: {', '.join(dupes)}")
+        if not any(i.from_data for i in inputs):
+            raise ValueError("every input is a constant (value) or a state (from_output); at least one must come from data")
         return inputs
+
+    @model_validator(mode="after")
+    def _one_split(self) -> "Recipe":
+        """Both sections reading one source with `split` must split it the same way, or they may overlap."""
+        source = {"kind", "path", "builder", "args"}  # what names the samples (not how they are preprocessed)
+        cal, val = self.calibration.data.model_dump(include=source), self.validation.data.model_dump(include=source)
+        cal_split, val_split = getattr(self.calibration.data, "split", None), getattr(self.validation.data, "split", None)
+        if cal == val and cal_split != val_split:
+            raise ValueError(
+                "calibration.data and validation.data read the same source with different 'split' settings; "
+                "give both the same split (e.g. split: {seed: 0, validation: 0.3}) so the two parts are disjoint"
+            )
+        return self
+
+    def data_inputs(self) -> list[InputSpec]:
+        """The inputs the data sets feed (neither constants nor recurrent states)."""
+        return [i for i in self.inputs if i.from_data]
+
+    def state_inputs(self) -> list[InputSpec]:
+        return [i for i in self.inputs if i.is_state]
+
+    def constant_inputs(self) -> list[InputSpec]:
+        return [i for i in self.inputs if i.is_constant]
 
     def target_and_format(self):
         """The `Target` and the `Format` the recipe asks for (the target's default when none is given)."""

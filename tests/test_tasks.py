@@ -230,3 +230,13 @@ def test_detection_channels_last_with_objectness_and_corner_boxes():
     m = _stream(s, [pred[None]], [dim[None]])
     assert (m["float_boxes"], m["quantized_boxes"], m["boxes_matched"], m["boxes_precision"]) == (2, 1, 50.0, 100.0)
     assert m["channel_axis"] == 2
+
+
+def test_dead_channel_gate_fails_an_output_but_waives_a_recurrent_state():
+    """A state fed back to the model is judged through the outputs it feeds: reported, not gated."""
+    dead = {"dead_channels": 2, "channels": 128, "channel_axis": 2, "dead_channel_list": [70, 78],
+            "sqnr_db_worst_channel": 19.7}
+    metrics = {"outputs": {"y": dict(dead), "stateN": dict(dead)}}
+    results = {r.output: r for r in evaluate_gates([], metrics, states={"stateN": "state"})}
+    assert not results["y"].passed and "fix:" in results["y"].note
+    assert results["stateN"].passed and "recurrent state fed back to input 'state'" in results["stateN"].note

@@ -4,6 +4,12 @@ inputs, and the registry of data kinds.
 A data kind is a pydantic schema (its `kind` literal names it in a recipe) plus `open(data, ctx)` that
 returns a `DataSource`, and optionally `fingerprint(data, ctx)` (what its cache key hashes; default: the
 file's sha256). Adding one is one module calling `register_data_kind`, imported by `pipeline.data`.
+
+`split` (`SplitSettings`, a field of every builtin kind) cuts one source into a calibration part and a
+validation part: a seeded permutation of its units (files for images and audio, lines for text, samples
+for npz and builders) puts `round(validation * n)` of them in the validation part and the rest in the
+calibration part; each part keeps the source's order. Both sections name the same source and the same
+split, so the parts are disjoint and every run draws the same ones.
 """
 
 from __future__ import annotations
@@ -11,12 +17,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
+
+from ..core.schema import StrictModel
 
 from ..errors import DataError
 
-__all__ = ["Batch", "DataSource", "OpenContext", "DataKind", "register_data_kind", "data_kinds", "check_batch"]
+__all__ = [
+    "Batch", "DataSource", "OpenContext", "DataKind", "register_data_kind", "data_kinds", "check_batch",
+    "SplitSettings", "split_part",
+]
 
 Batch = dict[str, np.ndarray]
 
@@ -30,6 +43,9 @@ class DataSource:
     count: int
     _batches: Callable[[], Iterator[Batch]]
     labels: np.ndarray | None = None
+    # Sample indices where a new sequence begins (e.g. each audio file's first window): recurrent states
+    # restart there. Sample 0 always starts one.
+    starts: frozenset[int] = frozenset()
 
     def __iter__(self) -> Iterator[Batch]:
         for index, batch in enumerate(self._batches()):
@@ -57,6 +73,28 @@ def check_batch(batch: Batch, inputs, *, where: str) -> None:
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             bad = int((~np.isfinite(array)).sum())
             raise DataError(f"{where}: input '{spec.name}' holds {bad} NaN/inf values; clean the data set")
+
+
+class SplitSettings(StrictModel):
+    """A seeded split of one source into calibration and validation parts (see the module docstring)."""
+
+    seed: int = 0
+    validation: Annotated[float, Field(gt=0, lt=1)] = 0.3
+
+
+def split_part(n: int, split: SplitSettings | None, section: str, *, unit: str = "sample") -> list[int]:
+    """The indices (ascending) of the `n` units that `section` reads; all of them without a split."""
+    if split is None:
+        return list(range(n))
+    n_val = int(round(split.validation * n))
+    if n_val == 0 or n_val == n:
+        raise DataError(
+            f"{section}.data.split: {n} {unit}(s) cannot be split {1 - split.validation:.0%}/{split.validation:.0%}: "
+            "one part would be empty (add data, or change split.validation)"
+        )
+    order = np.random.default_rng(split.seed).permutation(n)
+    part = order[:n_val] if section == "validation" else order[n_val:]
+    return sorted(int(i) for i in part)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,6 @@ passed as absolute paths, as for model builders.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Iterable, Iterator, Sized
 from itertools import islice
 from pathlib import Path
@@ -20,10 +18,11 @@ from typing import Literal, Union
 import numpy as np
 from pydantic import Field, field_validator
 
+from ..core.entrypoints import entry_point_source, import_entry_point, recipe_folder_on_path
 from ..core.fileio import sha256_file
 from ..core.schema import StrictModel
 from ..errors import DataError
-from .base import Batch, DataKind, DataSource, OpenContext, register_data_kind
+from .base import Batch, DataKind, DataSource, OpenContext, SplitSettings, register_data_kind, split_part
 
 __all__ = ["BuilderData"]
 
@@ -36,6 +35,7 @@ class BuilderData(StrictModel):
     kind: Literal["builder"]
     builder: str
     args: dict[str, Union[str, int, float, bool]] = Field(default_factory=dict)
+    split: SplitSettings | None = None
 
     @field_validator("builder")
     @classmethod
@@ -55,16 +55,11 @@ def _args(data: BuilderData, ctx: OpenContext) -> dict:
 
 def _call(data: BuilderData, ctx: OpenContext) -> tuple[object, np.ndarray | None]:
     where = f"{ctx.section}.data.builder"
-    module_name, _, func_name = data.builder.partition(":")
+    folder = ctx.resolve(Path("."))  # the recipe's folder: a builder module beside the recipe imports
+    func = import_entry_point(data.builder, folder, where=where, missing=DataError, failing=DataError)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise DataError(f"{where}: cannot import module '{module_name}' ({err})") from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise DataError(f"{where}: module '{module_name}' has no function '{func_name}'")
-    try:
-        result = func(**_args(data, ctx))
+        with recipe_folder_on_path(folder, data.builder.partition(":")[0]):
+            result = func(**_args(data, ctx))
     except (Exception, SystemExit) as err:  # the user's own code failed (or tried to end the process)
         kind = "called sys.exit" if isinstance(err, SystemExit) else f"raised {type(err).__name__}"
         raise DataError(f"{where}: {data.builder} {kind}: {err}") from err
@@ -90,34 +85,49 @@ def _open(data: BuilderData, ctx: OpenContext) -> DataSource:
         current, first = first, (None if one_shot else first)
         return iter(current)
 
-    count = min(ctx.limit, len(first)) if isinstance(first, Sized) else sum(1 for _ in islice(samples(), ctx.limit))
+    if data.split is None:
+        chosen = None
+        count = min(ctx.limit, len(first)) if isinstance(first, Sized) else sum(1 for _ in islice(samples(), ctx.limit))
+    else:  # the split needs the whole source's size
+        total = len(first) if isinstance(first, Sized) else sum(1 for _ in samples())
+        chosen = split_part(total, data.split, section)[: ctx.limit]
+        count = len(chosen)
     if count == 0:
         raise DataError(f"{section}.data: {data.builder} made no samples")
-    if labels is not None and (labels.ndim == 0 or len(labels) < count):
+    if labels is not None and (labels.ndim == 0 or len(labels) < (count if chosen is None else chosen[-1] + 1)):
         raise DataError(f"{section}.data: {data.builder} gave {labels.size} labels for {count} samples (one per sample)")
+    if labels is not None:
+        labels = labels[:count] if chosen is None else labels[chosen]
+
+    def selected() -> Iterator:
+        if chosen is None:
+            yield from enumerate(islice(samples(), count))
+            return
+        wanted, last = set(chosen), chosen[-1]
+        for index, sample in enumerate(samples()):
+            if index in wanted:
+                yield index, sample
+            if index >= last:
+                return
 
     def batches() -> Iterator[Batch]:
-        for index, sample in enumerate(islice(samples(), count)):
+        for index, sample in selected():
             if not isinstance(sample, dict):
                 raise DataError(f"{section}.data: {data.builder}, sample {index} is a {type(sample).__name__}, "
                                 "not a dict {input name: ndarray}")
             unknown = sorted(set(sample) - names)
             if unknown:
                 raise DataError(f"{section}.data: {data.builder}, sample {index}: {', '.join(map(str, unknown))} "
-                                f"are not model inputs ({', '.join(sorted(names))})")
+                                f"are not model inputs (the data feeds: {', '.join(sorted(names))})")
             yield {name: np.asarray(value) for name, value in sample.items()}
 
-    return DataSource(data.builder, ctx.inputs, count, batches, None if labels is None else labels[:count])
+    return DataSource(data.builder, ctx.inputs, count, batches, labels)
 
 
 def _fingerprint(data: BuilderData, ctx: OpenContext) -> dict:
     """The entry point, its module's source, the args and every file an arg names."""
+    source = entry_point_source(data.builder, ctx.resolve(Path(".")))
     module_name = data.builder.partition(":")[0]
-    try:
-        found = importlib.util.find_spec(module_name)
-    except (ImportError, ValueError):
-        found = None  # the stage then fails on it with a clear error
-    source = Path(found.origin) if found is not None and found.origin else None
     files = {key: sha256_file(Path(value)) for key, value in _args(data, ctx).items()
              if isinstance(value, str) and Path(value).is_file()}
     return {

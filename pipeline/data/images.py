@@ -1,21 +1,30 @@
 """Calibration and validation data from a folder of PNG/JPEG images, with the preprocessing the recipe declares.
 
     calibration:
-      data: {kind: images, path: ../images/calib, size: [224, 224], layout: nchw, channels: rgb,
-             scale: 0.00392156862745098, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225],
-             labels: ../images/labels.csv}
+      data: {kind: images, path: ../images, size: [224, 224], resize: center_crop, layout: nchw,
+             channels: rgb, scale: 0.00392156862745098, mean: [0.485, 0.456, 0.406],
+             std: [0.229, 0.224, 0.225], labels: ../images/labels.csv, split: {seed: 0, validation: 0.3}}
 
-Per image, in this order: decode with Pillow; convert to the declared channels (`rgb`, `bgr`, `gray`;
-an alpha channel is dropped, a gray image is replicated to three channels); resize to `size` (height,
-width) with bilinear filtering, or, without `size`, require the image to have the input's size already;
-`value = (pixel * scale - mean[c]) / std[c]` in float32; lay out as `nchw` or `nhwc`. EXIF orientation is
-not applied (torchvision's PIL loader does not apply it either, so this matches how most models were
-trained). An integer input (uint8) gets the raw pixels and takes no normalization.
+Per image, in this order:
+1. decode with Pillow (EXIF orientation is not applied: torchvision's PIL loader does not either);
+2. convert to `channels`: `rgb`, `bgr` (OpenCV-trained models) or `gray` (alpha dropped; a gray image is
+   replicated to three channels for rgb/bgr);
+3. resize to the input's height x width (`size` is [height, width] and must match the input):
+   `stretch` (both sides scaled, aspect ratio not kept), `letterbox` (scaled to fit inside, aspect kept,
+   centred, the border filled with `pad_value`, e.g. 114 for YOLO models), `center_crop` (the shorter side
+   scaled to `shorter_side`, default size / 0.875 = 256 for 224 as in ImageNet evaluation, then the centre
+   cut out), or `none` (the image must already have the input's size). Default: `stretch` when `size` is
+   given, else `none`. Bilinear filtering (`interpolation`: bilinear, bicubic, nearest);
+4. `value = (pixel * scale - mean[c]) / std[c]` in float32, mean and std in the order of `channels` (an
+   integer input, e.g. uint8, takes the raw pixels and no normalization);
+5. lay out as `layout`: `nchw` or `nhwc` for a rank-4 input [batch, ...]; for a rank-3 input (no batch
+   axis) the same letters without n; a rank-2 input [height, width] takes one gray channel.
 
 Files are the folder's `*.png`, `*.jpg`, `*.jpeg` (any case), not recursive, in sorted name order, so two
-runs see the same samples; a model batch of N takes N consecutive images. Images are decoded one at a
-time while the source is iterated: memory does not grow with the folder. `labels` is a CSV of
-`filename,label` rows (an optional header row is skipped); every image used needs an integer label.
+runs see the same samples; a model batch of N takes N consecutive images. `split` (pipeline.data.base)
+splits the files. Images are decoded one at a time while the source is iterated: memory does not grow
+with the folder. `labels` is a CSV of `filename,label` rows (an optional header row is skipped); every
+image used needs an integer label.
 """
 
 from __future__ import annotations
@@ -28,29 +37,47 @@ import numpy as np
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..core.fileio import sha256_file
 from ..core.schema import StrictModel
 from ..errors import DataError
-from .base import Batch, DataKind, DataSource, OpenContext, register_data_kind
+from .base import Batch, DataKind, DataSource, OpenContext, SplitSettings, register_data_kind, split_part
 from .limits import open_image
 
 __all__ = ["ImageData", "image_source", "list_images", "load_image", "read_labels", "folder_fingerprint", "IMAGE_SUFFIXES"]
 
 class ImageData(StrictModel):
-    """A folder of PNG/JPEG images with the preprocessing the model expects."""
+    """A folder of PNG/JPEG images with the preprocessing the model expects (see the module docstring)."""
 
     kind: Literal["images"]
     path: Path
     input: str | None = None
     size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None  # (height, width)
+    resize: Literal["none", "stretch", "letterbox", "center_crop"] | None = None
+    shorter_side: Annotated[int, Field(ge=1)] | None = None  # center_crop only
+    pad_value: Annotated[int, Field(ge=0, le=255)] = 0  # letterbox only
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     layout: Literal["nchw", "nhwc"] = "nchw"
     channels: Literal["rgb", "bgr", "gray"] = "rgb"
     scale: float = 1.0 / 255.0
     mean: list[float] = Field(default_factory=lambda: [0.0])
     std: list[float] = Field(default_factory=lambda: [1.0])
     labels: Path | None = None  # optional CSV "filename,label"
+    split: SplitSettings | None = None
+
+    @model_validator(mode="after")
+    def _resize_options(self) -> "ImageData":
+        if self.shorter_side is not None and self.mode != "center_crop":
+            raise ValueError("shorter_side only applies with resize: center_crop")
+        if "pad_value" in self.model_fields_set and self.mode != "letterbox":
+            raise ValueError("pad_value only applies with resize: letterbox")
+        return self
+
+    @property
+    def mode(self) -> str:
+        """The resize mode in effect: `resize`, else stretch when `size` is given, else none."""
+        return self.resize or ("stretch" if self.size is not None else "none")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -83,43 +110,49 @@ def folder_fingerprint(folder: Path) -> str:
 
 
 def _target_input(data: ImageData, inputs: list[object], section: str) -> object:
+    """The input the images feed: `data.input`, or the only input fed by data."""
     by_name = {s.name: s for s in inputs}
     if data.input is not None and data.input not in by_name:
-        raise DataError(f"{section}.data.input: '{data.input}' is not a model input ({', '.join(by_name)})")
+        raise DataError(f"{section}.data.input: '{data.input}' is not a model input fed by data ({', '.join(by_name)})")
+    others = [s.name for s in inputs if s.name != data.input]
+    if len(inputs) > 1 and data.input is None:
+        raise DataError(
+            f"{section}.data.input: the model has {len(inputs)} inputs fed by data ({', '.join(by_name)}); name the "
+            "one the images feed, and give the others a value: (a constant) or from_output: (a recurrent state)"
+        )
     if len(inputs) > 1:
-        others = [s.name for s in inputs if s.name != data.input]
-        if data.input is None:
-            raise DataError(
-                f"{section}.data.input: the model has {len(inputs)} inputs ({', '.join(by_name)}); name the one the "
-                "images feed"
-            )
         raise DataError(
             f"{section}.data: images feed only '{data.input}'; the model's other inputs ({', '.join(others)}) "
-            "would get no data (use an npz data set)"
+            "would get no data (give them a value: or from_output:, or use npz or builder data)"
         )
     return by_name[data.input] if data.input is not None else inputs[0]
 
 
-def _geometry(spec: object, data: ImageData, section: str) -> tuple[int, int, int, int]:
-    """(batch, channels, height, width) the input takes, checked against the declared preprocessing."""
-    if len(spec.shape) != 4:
-        raise DataError(
-            f"{section}.data: input '{spec.name}' has shape {spec.shape}; images need a rank-4 input "
-            f"({'[N, C, H, W]' if data.layout == 'nchw' else '[N, H, W, C]'} for layout {data.layout})"
-        )
-    if data.layout == "nchw":
-        batch, channels, height, width = spec.shape
+def _geometry(spec: object, data: ImageData, section: str) -> tuple[int | None, int, int, int]:
+    """(batch or None without a batch axis, channels, height, width) the input takes, checked against
+    the declared preprocessing."""
+    shape, nchw = list(spec.shape), data.layout == "nchw"
+    if len(shape) == 4 and spec.batch is not False:
+        batch, *rest = shape
+    elif len(shape) == 3 and not spec.batch:
+        batch, rest = None, shape
+    elif len(shape) == 2 and not spec.batch:
+        batch, rest = None, ([1, *shape] if nchw else [*shape, 1])
     else:
-        batch, height, width, channels = spec.shape
+        raise DataError(
+            f"{section}.data: input '{spec.name}' has shape {shape}; images need [N, C, H, W] / [N, H, W, C] "
+            "(layout nchw / nhwc), or without a batch axis [C, H, W] / [H, W, C] or [H, W]"
+        )
+    channels, height, width = rest if nchw else (rest[2], rest[0], rest[1])
     if channels != _CHANNELS[data.channels]:
         raise DataError(
             f"{section}.data.channels: '{data.channels}' gives {_CHANNELS[data.channels]} channel(s), input "
-            f"'{spec.name}' {spec.shape} takes {channels} in layout {data.layout} (check layout and channels)"
+            f"'{spec.name}' {shape} takes {channels} in layout {data.layout} (check layout and channels)"
         )
     if data.size is not None and tuple(data.size) != (height, width):
         raise DataError(
             f"{section}.data.size: {list(data.size)} (height, width) does not match input '{spec.name}' "
-            f"{spec.shape}, which takes {height}x{width} in layout {data.layout}"
+            f"{shape}, which takes {height}x{width} in layout {data.layout}"
         )
     return batch, channels, height, width
 
@@ -149,6 +182,33 @@ def _normalization(data: ImageData, spec: object, channels: int, section: str) -
     return mean, std
 
 
+def _resize(image, data: ImageData, height: int, width: int):
+    """A Pillow image brought to width x height by the recipe's resize mode."""
+    from PIL import Image
+
+    mode = data.mode
+    if mode == "none" or image.size == (width, height) and mode != "center_crop":
+        return image
+    method = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "nearest": Image.Resampling.NEAREST}[data.interpolation]
+    w, h = image.size
+    if mode == "stretch":
+        return image.resize((width, height), method)
+    if mode == "letterbox":
+        ratio = min(width / w, height / h)
+        inner = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+        fill = data.pad_value if image.mode == "L" else (data.pad_value,) * 3
+        canvas = Image.new(image.mode, (width, height), fill)
+        canvas.paste(image.resize(inner, method), ((width - inner[0]) // 2, (height - inner[1]) // 2))
+        return canvas
+    # center_crop: the shorter side to `shorter_side` (aspect kept), then the centre height x width.
+    shorter = data.shorter_side or round(min(height, width) / 0.875)
+    ratio = max(shorter / min(w, h), height / h, width / w)  # never smaller than the crop
+    scaled = image.resize((max(width, round(w * ratio)), max(height, round(h * ratio))), method)
+    left, top = (scaled.size[0] - width) // 2, (scaled.size[1] - height) // 2
+    return scaled.crop((left, top, left + width, top + height))
+
+
 def load_image(path: Path, data: ImageData, height: int, width: int, *, section: str) -> np.ndarray:
     """One image as an HxWxC uint8 array in the declared channels and size."""
     try:
@@ -162,17 +222,14 @@ def load_image(path: Path, data: ImageData, height: int, width: int, *, section:
             # Palette, 16-bit and alpha images convert via RGBA/I first where Pillow needs it.
             if image.mode == "P":
                 image = image.convert("RGBA")
-            converted = image.convert(mode)
-            if data.size is not None and converted.size != (width, height):
-                converted = converted.resize((width, height), Image.Resampling.BILINEAR)
-            pixels = np.asarray(converted, dtype=np.uint8)
+            pixels = np.asarray(_resize(image.convert(mode), data, height, width), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         # Pillow raises OSError for truncated files and SyntaxError for some broken PNG chunks.
         raise DataError(f"{section}.data: {path} is not a readable image ({type(err).__name__}: {err})") from None
     if pixels.shape[:2] != (height, width):
         raise DataError(
             f"{section}.data: {path} is {pixels.shape[1]}x{pixels.shape[0]} (width x height), the input takes "
-            f"{width}x{height}; set data.size: [{height}, {width}] to resize"
+            f"{width}x{height}; set data.size: [{height}, {width}] and a resize mode (stretch, letterbox, center_crop)"
         )
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
@@ -223,10 +280,12 @@ def image_source(path: Path, data: ImageData, inputs: list[object], limit: int, 
     batch, channels, height, width = _geometry(spec, data, section)
     norm = _normalization(data, spec, channels, section)
     files = list_images(path, section)
-    count = min(limit, len(files) // batch)
+    files = [files[i] for i in split_part(len(files), data.split, section, unit="image")]
+    per_sample = batch or 1
+    count = min(limit, len(files) // per_sample)
     if count == 0:
-        raise DataError(f"{section}.data.path: {path} holds {len(files)} image(s); a batch of input '{spec.name}' needs {batch}")
-    files = files[: count * batch]
+        raise DataError(f"{section}.data.path: {path} holds {len(files)} image(s); a batch of input '{spec.name}' needs {per_sample}")
+    files = files[: count * per_sample]
     labels = None
     if data.labels is not None:
         table = read_labels(Path(data.labels), section)
@@ -238,9 +297,9 @@ def image_source(path: Path, data: ImageData, inputs: list[object], limit: int, 
     dtype = np.dtype(spec.dtype)
 
     def batches() -> Iterator[Batch]:
-        for start in range(0, len(files), batch):
+        for start in range(0, len(files), per_sample):
             images = []
-            for file in files[start : start + batch]:
+            for file in files[start : start + per_sample]:
                 pixels = load_image(file, data, height, width, section=section)
                 if norm is None:
                     values = pixels.astype(dtype)
@@ -248,7 +307,8 @@ def image_source(path: Path, data: ImageData, inputs: list[object], limit: int, 
                     mean, std = norm
                     values = ((pixels.astype(np.float32) * np.float32(data.scale) - mean) / std).astype(dtype)
                 images.append(values if data.layout == "nhwc" else values.transpose(2, 0, 1))
-            yield {spec.name: np.ascontiguousarray(np.stack(images))}
+            stacked = np.stack(images) if batch is not None else images[0]
+            yield {spec.name: np.ascontiguousarray(stacked.reshape(spec.shape))}
 
     return DataSource(f"{path.name}/ ({len(files)} images)", inputs, count, batches, labels)
 

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from ..core.schema import StrictModel
 from ..errors import DataError
-from .base import Batch, DataKind, DataSource, OpenContext, register_data_kind
+from .base import Batch, DataKind, DataSource, OpenContext, SplitSettings, register_data_kind, split_part
 from .limits import read_text_lines
 
 __all__ = ["TextData", "resolve_resource"]
@@ -32,6 +32,7 @@ class TextData(StrictModel):
     fields: dict[str, Literal["input_ids", "attention_mask", "token_type_ids"]] = Field(
         default_factory=lambda: {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     )
+    split: SplitSettings | None = None
 
 
 def _inside_package(root: Path, inner: str, spec: str) -> Path:
@@ -94,9 +95,11 @@ def _open(data: TextData, ctx: OpenContext) -> DataSource:
     tokenizer = _load_tokenizer(Tokenizer, resolve_resource(data.tokenizer, ctx.resolve), section)
     tokenizer.enable_truncation(max_length=seq_len)
     tokenizer.enable_padding(length=seq_len)
-    lines = read_text_lines(path, limit, f"{section}.data.path: {path}")
+    # A split draws from every line; otherwise only the first `limit` are read.
+    lines = read_text_lines(path, limit if data.split is None else 1 << 62, f"{section}.data.path: {path}")
     if not lines:
         raise DataError(f"{section}.data.path: {path} holds no sentences")
+    lines = [lines[i] for i in split_part(len(lines), data.split, section, unit="line")][:limit]
 
     def batches() -> Iterator[Batch]:
         for line in lines:

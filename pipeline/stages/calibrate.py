@@ -39,7 +39,7 @@ class CalibrateStage(Stage):
             atomic_write(out / "tensors.json", dump_json({"samples": 0, "tensors": {}, "aliases": {}}))
             return {"samples": 0, "tensors": 0, "skipped": "bf16 needs no activation ranges"}
         model = load_onnx(ctx.require("prepare", "model.onnx"), where="prepared model")
-        data = open_dataset(ctx.recipe, "calibration")
+        data = open_dataset(ctx.recipe, "calibration", state_model=ctx.require("prepare", "model.onnx"))
         collector = collect_histograms(model, data, progress=ctx.progress)
         collector.save(out / "stats.npz")
         tensors = activation_tensors(model)

@@ -3,50 +3,81 @@
 For a builder, the model is exported with the TorchScript exporter at the recipe's opset and static
 shapes, then run with onnxruntime on the builder's example inputs; every output must match torch within
 the recipe's `export.atol`, else the stage fails with a per-output table. The written opset is checked:
-torch's dynamo exporter has been seen to write opset 18 when asked for 17 without raising.
+torch's dynamo exporter has been seen to write opset 18 when asked for 17 without raising. A builder
+module next to the recipe is importable (`pipeline.core.entrypoints`).
+
+An ONNX file is checked against the recipe's inputs (every mismatch at once) and written back as one
+self-contained file: weights stored in external-data files beside it are loaded and inlined, so later
+stages never depend on files outside the run folder, and the cache key covers those files' content.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from ..core.entrypoints import entry_point_source, import_entry_point, recipe_folder_on_path
 from ..core.fileio import sha256_file
-from ..core.onnx_io import load_onnx, model_opset, run_session
+from ..core.onnx_io import load_onnx, model_opset, run_session, save_onnx
+from ..core.signature import clear_nonpositive_dims, external_data_files, onnx_signature, signature_problems
 from ..errors import ModelError, StageError
 from ..recipe import Recipe
 from ..runner import RunContext, Stage
 
-__all__ = ["ExportStage", "load_builder"]
+__all__ = ["ExportStage", "load_builder", "builder_problems", "load_source_onnx", "check_op_domains"]
 
 
 def load_builder(recipe: Recipe):
     """Import the recipe's builder `module:function` (trusted code by design) and call it."""
-    module_name, _, func_name = recipe.model.builder.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ModelError(f"model.builder: cannot import module '{module_name}' ({err})") from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise ModelError(f"model.builder: module '{module_name}' has no function '{func_name}'")
+    spec = recipe.model.builder
+    func = import_entry_point(spec, recipe.base_dir, where="model.builder", missing=ModelError, failing=StageError)
     # A string argument naming a file next to the recipe is passed as an absolute path, so builders
     # need not know where the recipe lives.
     args = {key: _file_or_value(recipe, value) for key, value in recipe.model.args.items()}
     try:
-        built = func(**args)
+        with recipe_folder_on_path(recipe.base_dir, spec.partition(":")[0]):
+            built = func(**args)
     except (Exception, SystemExit) as err:  # the user's own code failed (or tried to end the process)
         kind = "called sys.exit" if isinstance(err, SystemExit) else f"raised {type(err).__name__}"
-        raise StageError(f"export: the model builder {recipe.model.builder} {kind}: {err}") from err
+        raise StageError(f"export: the model builder {spec} {kind}: {err}") from err
     if not (isinstance(built, tuple) and len(built) == 2):
-        raise ModelError(f"model.builder: {recipe.model.builder} must return (torch module, example inputs tuple)")
+        raise ModelError(f"model.builder: {spec} must return (torch module, example inputs tuple)")
     module_obj, example = built
     example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     return module_obj, example
+
+
+def builder_problems(recipe: Recipe, example) -> list[str]:
+    """Every way the builder's example inputs disagree with the recipe's inputs (count, shapes, dtypes)."""
+    if len(example) != len(recipe.inputs):
+        return [f"inputs: the builder gives {len(example)} example input(s), the recipe declares {len(recipe.inputs)}"]
+    problems = []
+    for spec, tensor in zip(recipe.inputs, example):
+        shape, dtype = list(getattr(tensor, "shape", [])), str(getattr(tensor, "dtype", type(tensor).__name__))
+        if shape != spec.shape:
+            problems.append(f"inputs.{spec.name}.shape: the recipe says {spec.shape}, the builder's example is {shape}")
+        if dtype.removeprefix("torch.") != spec.dtype:
+            problems.append(f"inputs.{spec.name}.dtype: the recipe says {spec.dtype}, the builder's example is {dtype}")
+    return problems
+
+
+def load_source_onnx(recipe: Recipe):
+    """The recipe's ONNX file with its external data loaded, checked against the recipe's inputs."""
+    source = recipe.resolve(recipe.model.onnx)
+    missing = [f for f in external_data_files(source) if not f.is_file()]
+    if missing:
+        raise ModelError(
+            f"model.onnx: {source} keeps its weights in external data file(s) {', '.join(f.name for f in missing)}, "
+            f"missing beside it in {source.parent} (copy them next to the model)"
+        )
+    model = load_onnx(source, where="model.onnx")
+    check_op_domains(model, source)
+    problems = signature_problems(*onnx_signature(model), recipe.inputs, where=str(source))
+    if problems:
+        raise ModelError(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} mismatches between the recipe and {source}:\n" + "\n".join(f"  {p}" for p in problems))
+    return model
 
 
 def _file_or_value(recipe: Recipe, value):
@@ -57,16 +88,14 @@ def _file_or_value(recipe: Recipe, value):
 
 def _builder_fingerprint(recipe: Recipe) -> dict:
     """What a builder's output depends on: its source file and any file it is given as an argument."""
-    module_name = recipe.model.builder.partition(":")[0]
-    found = importlib.util.find_spec(module_name)
-    source = Path(found.origin) if found and found.origin else None
+    source = entry_point_source(recipe.model.builder, recipe.base_dir)
     files = {}
     for name, value in sorted(recipe.model.args.items()):
         path = recipe.resolve(Path(str(value))) if isinstance(value, str) else None
         if path is not None and path.is_file():
             files[name] = sha256_file(path)
     return {
-        "source": sha256_file(source) if source and source.is_file() else module_name,
+        "source": sha256_file(source) if source is not None else recipe.model.builder.partition(":")[0],
         "files": files,
     }
 
@@ -75,6 +104,7 @@ class ExportStage(Stage):
     name = "export"
     sections = ("model", "inputs", "export")
     outputs = ("model.onnx",)
+    revision = 2  # 2: ONNX sources re-serialised (external data inlined, -1/0 dims cleared), not copied
 
     def extra_key(self, ctx: RunContext) -> dict:
         recipe = ctx.recipe
@@ -82,19 +112,24 @@ class ExportStage(Stage):
             path = recipe.resolve(recipe.model.onnx)
             if not path.is_file():
                 raise ModelError(f"model.onnx: {path} does not exist (fix the path in the recipe)")
-            return {"onnx": sha256_file(path)}
+            external = {f.name: sha256_file(f) for f in external_data_files(path) if f.is_file()}
+            return {"onnx": sha256_file(path), **({"external_data": external} if external else {})}
         return _builder_fingerprint(recipe)
 
     def run(self, ctx: RunContext, out: Path) -> dict:
         recipe = ctx.recipe
         target = out / "model.onnx"
         if recipe.model.onnx is not None:
-            source = recipe.resolve(recipe.model.onnx)
-            model = load_onnx(source, where="model.onnx")
-            _check_input_names(model, recipe, source)
-            _check_op_domains(model, source)
-            shutil.copyfile(source, target)
-            return {"source": "onnx", "opset": model_opset(model)}
+            model = load_source_onnx(recipe)
+            cleared = clear_nonpositive_dims(model)  # -1 / 0 "any" dims, as some exporters (Paddle) store them
+            external = external_data_files(recipe.resolve(recipe.model.onnx))
+            try:
+                save_onnx(model, target)  # external data inlined: the stage's output stands alone
+            except ValueError as err:  # protobuf's 2 GiB limit on one serialised message
+                raise ModelError(f"model.onnx: the model with its weights is over 2 GiB, which this pipeline "
+                                 f"does not handle ({err})") from None
+            return {"source": "onnx", "opset": model_opset(model), "external_data_inlined": [f.name for f in external],
+                    "nonpositive_dims_cleared": cleared}
         return _export_builder(recipe, target)
 
 
@@ -102,7 +137,7 @@ class ExportStage(Stage):
 _RUNTIME_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 
 
-def _check_op_domains(model, where: Path) -> None:
+def check_op_domains(model, where: Path) -> None:
     """Custom-domain ops (no kernel here) fail now, naming the user's file, not a scratch copy later."""
     local = {(f.domain, f.name) for f in model.functions}  # model-local functions are inlined: fine
     unknown = [n for n in model.graph.node if n.domain not in _RUNTIME_DOMAINS and (n.domain, n.op_type) not in local]
@@ -116,17 +151,6 @@ def _check_op_domains(model, where: Path) -> None:
         )
 
 
-def _check_input_names(model, recipe: Recipe, where: Path) -> None:
-    init_names = {i.name for i in model.graph.initializer}
-    model_inputs = [i.name for i in model.graph.input if i.name not in init_names]
-    declared = [i.name for i in recipe.inputs]
-    if sorted(model_inputs) != sorted(declared):
-        raise ModelError(
-            f"inputs: the recipe declares {declared} but {where} takes {model_inputs}; "
-            "make inputs[].name match the model's input names"
-        )
-
-
 def _export_builder(recipe: Recipe, target: Path) -> dict:
     import torch
 
@@ -135,19 +159,9 @@ def _export_builder(recipe: Recipe, target: Path) -> dict:
     module, example = load_builder(recipe)
     if not isinstance(module, torch.nn.Module):
         raise ModelError(f"model.builder: {recipe.model.builder} returned {type(module).__name__}, not a torch module")
-    if len(example) != len(recipe.inputs):
-        raise ModelError(
-            f"inputs: the builder gives {len(example)} example input(s), the recipe declares {len(recipe.inputs)}"
-        )
-    for spec, tensor in zip(recipe.inputs, example):
-        if list(tensor.shape) != spec.shape:
-            raise ModelError(
-                f"inputs.{spec.name}.shape: the recipe says {spec.shape}, the builder's example is {list(tensor.shape)}"
-            )
-        if str(tensor.dtype).removeprefix("torch.") != spec.dtype:
-            raise ModelError(
-                f"inputs.{spec.name}.dtype: the recipe says {spec.dtype}, the builder's example is {tensor.dtype}"
-            )
+    problems = builder_problems(recipe, example)
+    if problems:
+        raise ModelError("; ".join(problems))
     module.eval()
     with torch.no_grad():
         expected = module(*example)

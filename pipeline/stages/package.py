@@ -102,7 +102,8 @@ class PackageStage(Stage):
         inspection = inspect_model(model, target, fmt)
         write_json(inspection, out / "placement.json")
         metrics = json.loads(ctx.require("validate", "metrics.json").read_text())
-        gates = evaluate_gates(list(recipe.gates), metrics, validation=recipe.validation)
+        gates = evaluate_gates(list(recipe.gates), metrics, validation=recipe.validation,
+                               states={i.from_output: i.name for i in recipe.state_inputs()})
         records = {name: ctx.record(name) for name in STAGE_ORDER}
         quant_record = records["quantize"].metrics
         extras = _copy_reports(ctx, out)

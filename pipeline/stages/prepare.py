@@ -1,6 +1,8 @@
 """Prepare: make the float model NPU-ready: static shapes, opset 17, folded constants and BatchNorm.
 
-Steps, in order: fix dynamic input dims to the recipe's static shapes (ONNX sources); convert the opset to
+Steps, in order: fix dynamic input dims to the recipe's static shapes (ONNX sources; a dim stored as a
+name, as -1 or as 0 is dynamic, and stale shapes of outputs and intermediates are dropped so inference
+rebuilds them); fold constant inputs (`inputs[].value`) into the graph as initializers; convert the opset to
 the recipe's (17 by default); clamp additive attention-mask constants (float32 min) to -1e4, which
 changes no float result but gives the mask path a range an integer format can represent; drop graph
 inputs that are initializers (old exporters list every weight as an input; onnxruntime then treats the
@@ -19,45 +21,59 @@ import numpy as np
 
 from ..core.masks import MASK_FLOOR
 from ..core.onnx_io import load_onnx, make_session, model_opset, save_onnx, static_input_shapes
+from ..core.signature import onnx_signature, signature_problems
 from ..data import open_dataset
 from ..errors import DataError, ModelError, StageError
 from ..recipe import Recipe
 from ..runner import RunContext, Stage
 
-__all__ = ["PrepareStage", "MASK_FLOOR", "fold_batchnorm", "drop_initializer_inputs"]
+__all__ = ["PrepareStage", "MASK_FLOOR", "fold_batchnorm", "drop_initializer_inputs", "fix_input_shapes", "fold_constant_inputs"]
 
 
 def fix_input_shapes(model, recipe: Recipe) -> list[str]:
     """Set every graph input's dims to the recipe's static shape; returns what changed."""
+    problems = signature_problems(*onnx_signature(model), recipe.inputs, where="the exported model")
+    if problems:
+        raise ModelError(problems[0] if len(problems) == 1 else "; ".join(problems))
     declared = {s.name: s for s in recipe.inputs}
     changed = []
-    for name, dims in static_input_shapes(model).items():
-        spec = declared.get(name)
-        if spec is None:
-            raise ModelError(f"inputs: the model has an input '{name}' that the recipe does not declare")
-        if len(dims) != len(spec.shape):
-            raise ModelError(
-                f"inputs.{name}.shape: the recipe gives rank {len(spec.shape)} {spec.shape}, "
-                f"the model's input has rank {len(dims)} {dims}"
-            )
-        for d, (have, want) in enumerate(zip(dims, spec.shape)):
-            if isinstance(have, int) and have != 0 and have != want:
-                raise ModelError(
-                    f"inputs.{name}.shape[{d}]: the recipe says {want}, the model fixes it to {have}"
-                )
+    for name in static_input_shapes(model):
+        spec = declared[name]
         value = next(v for v in model.graph.input if v.name == name)
-        for dim, want in zip(value.type.tensor_type.shape.dim, spec.shape):
+        shape = value.type.tensor_type.shape
+        if len(shape.dim) != len(spec.shape):  # the file stated no shape: give it the declared one
+            del shape.dim[:]
+            shape.dim.extend(type(shape).Dimension() for _ in spec.shape)
+        for dim, want in zip(shape.dim, spec.shape):
             if not dim.HasField("dim_value") or dim.dim_value != want:
-                changed.append(f"{name}: {dim.dim_param or '?'} -> {want}")
+                was = dim.dim_param or (str(dim.dim_value) if dim.HasField("dim_value") else "?")
+                changed.append(f"{name}: {was} -> {want}")
                 dim.Clear()
                 dim.dim_value = want
-    # Stale value_info of dynamic shapes would contradict the new static dims; inference rebuilds it.
+    # Stale shapes of intermediates and outputs (dynamic names, or -1/0 as some exporters store "any")
+    # would contradict the new static dims; inference rebuilds them.
     del model.graph.value_info[:]
     for value in model.graph.output:
         for dim in value.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value"):
+            if not dim.HasField("dim_value") or dim.dim_value <= 0:
                 dim.Clear()
     return changed
+
+
+def fold_constant_inputs(model, recipe: Recipe) -> list[str]:
+    """Turn each constant input (`inputs[].value`) into an initializer of that value; returns their names.
+    onnxruntime's constant folding then propagates it through the graph."""
+    from onnx import numpy_helper
+
+    constants = {s.name: s.constant_array() for s in recipe.constant_inputs()}
+    if not constants:
+        return []
+    kept = [v for v in model.graph.input if v.name not in constants]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    for name, array in constants.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+    return sorted(constants)
 
 
 def clamp_mask_constants(model) -> int:
@@ -202,7 +218,7 @@ class PrepareStage(Stage):
     name = "prepare"
     sections = ("inputs", "export")
     after = ("export",)
-    revision = 2  # 2: initializer inputs dropped, leftover BatchNorm folded
+    revision = 3  # 2: initializer inputs dropped, leftover BatchNorm folded; 3: constant inputs folded, -1 dims
     outputs = ("model.onnx",)
 
     def run(self, ctx: RunContext, out: Path) -> dict:
@@ -213,6 +229,7 @@ class PrepareStage(Stage):
         model = load_onnx(source, where="exported model")
         nodes_before = len(model.graph.node)
         changed = fix_input_shapes(model, recipe)
+        folded = fold_constant_inputs(model, recipe)
         opset_before = model_opset(model)
         if opset_before != recipe.export.opset:
             from onnx import version_converter
@@ -252,6 +269,7 @@ class PrepareStage(Stage):
             "opset": model_opset(final),
             "opset_before": opset_before,
             "fixed_dims": changed,
+            "constant_inputs_folded": folded,
             "mask_constants_clamped": masks,
             "nodes_before": nodes_before,
             "nodes_after": len(final.graph.node),
@@ -290,18 +308,20 @@ def _check_finite_outputs(outputs, session) -> None:
 
 def _compare_with_export(ctx: RunContext, exported: Path, prepared: Path) -> float:
     """Max abs difference of all outputs between the exported and the prepared model on one sample."""
-    sample = next(iter(open_dataset(ctx.recipe, "calibration", limit=1)))
+    recipe = ctx.recipe
+    # Recurrent states of the first sample are its initial values: neither model needs to run for them.
+    sample = next(iter(open_dataset(recipe, "calibration", limit=1, state_model=exported)))
+    constants = {s.name: s.constant_array() for s in recipe.constant_inputs()}
     before = make_session(exported, optimize=False)
-    feeds = {k: v for k, v in sample.items()}
     try:
-        want = before.run(None, feeds)
+        want = before.run(None, {**constants, **sample})
     except Exception as err:  # a model that rejects the declared inputs
         raise ModelError(f"inputs: the exported model rejects the recipe's inputs: {err}") from None
     _check_finite_outputs(want, before)
-    have = make_session(prepared, optimize=False).run(None, feeds)
+    have = make_session(prepared, optimize=False).run(None, sample)
     diff = max(float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0 for a, b in zip(want, have))
     # Optimizations reorder float math; beyond this the rewrite changed what the model computes.
-    tolerance = max(1e-3, 10 * ctx.recipe.export.atol) * max(1.0, max(float(np.abs(a).max()) for a in want))
+    tolerance = max(1e-3, 10 * recipe.export.atol) * max(1.0, max(float(np.abs(a).max()) if a.size else 0.0 for a in want))
     if diff > tolerance:
         raise StageError(f"prepare: the prepared model differs from the exported one by {diff:.3g} (> {tolerance:.3g})")
     return diff

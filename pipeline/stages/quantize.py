@@ -63,6 +63,7 @@ class QuantizeStage(Stage):
 def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
     recipe = ctx.recipe
     q = recipe.quantization
+    float_model = ctx.require("prepare", "model.onnx")  # records recurrent states, if the recipe has any
     settings = QuantizeSettings(
         target=target, fmt=fmt, method=recipe.calibration.method, percentile=recipe.calibration.percentile,
         exclude_nodes=tuple(q.exclude_nodes), transforms=[(s.name, s.settings) for s in q.transform_steps()],
@@ -72,10 +73,11 @@ def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
     fallback = None
     if q.fallback.enabled and recipe.gates:
         def fallback(transformed, quantize, guard):
-            batches, where = holdout_batches(recipe, q.fallback.holdout)
+            batches, where = holdout_batches(recipe, q.fallback.holdout, float_model)
             v = recipe.validation
             plan = v.plan_arguments()
             waived = {n for n, s in v.outputs.items() if s.allow_dead_channels} | ({"*"} if v.allow_dead_channels else set())
+            waived |= {i.from_output for i in recipe.state_inputs()}  # fed back to the model, judged through it
             return HeldOutFallback(
                 transformed, model, quantize, target, fmt, batches, where, recipe.gates,
                 plan["task"], plan["output"], q.fallback, priority=guard.tensors, outputs=plan["declared"],
@@ -83,7 +85,7 @@ def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
             ).run()
     outcome = run_quantize_flow(
         model, StatsCollector.load(ctx.require("calibrate", "stats.npz")), settings,
-        calibration=lambda limit: open_dataset(recipe, "calibration", limit=limit),
+        calibration=lambda limit: open_dataset(recipe, "calibration", limit=limit, state_model=float_model),
         fallback=fallback, progress=ctx.progress,
     )
     save_onnx(outcome.model, out / "model.onnx")
@@ -101,14 +103,14 @@ def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
     return outcome.info
 
 
-def holdout_batches(recipe: Recipe, holdout: int) -> tuple[list[dict], str]:
+def holdout_batches(recipe: Recipe, holdout: int, float_model: Path | None = None) -> tuple[list[dict], str]:
     """The held-out split: the `holdout` calibration samples after the ones statistics came from.
 
     When the calibration data holds fewer, the last `holdout` samples are used and overlap the
     statistics' samples (said in the returned note, and so in the report).
     """
     used = recipe.calibration.samples
-    batches = list(open_dataset(recipe, "calibration", limit=used + holdout))
+    batches = list(open_dataset(recipe, "calibration", limit=used + holdout, state_model=float_model))
     if len(batches) >= used + holdout:
         return batches[used:], f"calibration samples {used}..{used + holdout - 1} (not used for the statistics)"
     kept = batches[-holdout:]

@@ -71,7 +71,7 @@ class ValidateStage(Stage):
         names = [o.name for o in float_session.get_outputs()]
         check_outputs(list(recipe.gates), recipe.validation, names)  # before the stream: a typo costs no run
         plan = plan_outputs(names, **recipe.validation.plan_arguments())
-        data = open_dataset(recipe, "validation")
+        data = open_dataset(recipe, "validation", state_model=ctx.require("prepare", "model.onnx"))
         npu = plan.evaluators()
         cpu = plan.evaluators() if cpu_session is not None else None
         runs = 0
@@ -137,7 +137,8 @@ def _write_layer_errors(ctx: RunContext, out: Path, quantized: Path, *, bf16: bo
     """layer_errors.json: SQNR/cosine per quantized tensor against the float graph that was quantized."""
     transformed = ctx.optional("quantize", "float.onnx")
     reference = transformed if transformed is not None else ctx.require("prepare", "model.onnx")
-    batches = list(open_dataset(ctx.recipe, "validation", limit=LAYER_ERROR_SAMPLES))
+    batches = list(open_dataset(ctx.recipe, "validation", limit=LAYER_ERROR_SAMPLES,
+                                state_model=ctx.require("prepare", "model.onnx")))
     report = layer_error_report(load_onnx(reference), load_onnx(quantized), batches, bf16=bf16)
     report["float_model"] = "quantize/float.onnx (after transforms)" if transformed is not None else "prepare/model.onnx"
     atomic_write(out / "layer_errors.json", dump_json(report))

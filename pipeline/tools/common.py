@@ -179,7 +179,8 @@ def open_samples(artifact: Artifact, *, recipe: Path | None = None, data: Path |
         raise DataError("give the samples: --recipe RECIPE (its validation set) or --data FILE.npz, one of them")
     if recipe is not None:
         spec = load_recipe(recipe)
-        return open_dataset(spec, "validation", limit=limit)
+        # Recurrent states are recorded with the artifact's float model, as validate recorded them.
+        return open_dataset(spec, "validation", limit=limit, state_model=artifact.models.get("float") or next(iter(artifact.models.values())))
     inputs = [{"name": s["name"], "shape": s["shape"], "dtype": s["dtype"]} for s in artifact.signature()]
     npz = {"kind": "npz", "path": str(Path(data).resolve()), **({"labels": labels} if labels else {})}
     # A recipe around the file, so the data goes through the pipeline's own checks (shapes, dtypes, NaN).
