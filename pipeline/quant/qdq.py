@@ -69,6 +69,14 @@ def _promoted_constants(model: onnx.ModelProto, promoted: set[str]) -> list[str]
     return sorted(found)
 
 
+def _requant_plan(model, promote: Mapping[str, int], wide_nodes, spec):
+    """The requantizing plan (`pipeline.quant.requant`) when the format's activations are 8-bit and the
+    caller asked for it (`wide_nodes` given); None keeps the plain rule (readers of 16 bits read 16 bits)."""
+    if wide_nodes is None or spec.activation_bits >= 16:
+        return None
+    return plan_bits(model, {t for t, b in promote.items() if b == 16}, wide_nodes)
+
+
 def _int8_copy(stats: TensorStats, readers, lo_hi, spec, method: str, percentile: float) -> dict:
     """The "convert" override of a 16-bit tensor: the int8 copy its MAC readers get, with its own range
     (`lo_hi`, else the recipe's method at 8 bits). "lo"/"hi"/"method" are for the report (popped after)."""
@@ -136,8 +144,8 @@ def quantize_qdq(
     method = str(getattr(method, "value", method))
     promote_method = None if promote_method is None else str(getattr(promote_method, "value", promote_method))
     promote = dict(promote or {})
-    if wide_nodes is not None:
-        plan = plan_bits(model, {t for t, b in promote.items() if b == 16}, wide_nodes)
+    plan = _requant_plan(model, promote, wide_nodes, spec)
+    if plan is not None:
         promote = {t: 16 for t in plan.wide16}
     int8_ranges = dict(int8_ranges or {})
     present_ops = {n.op_type for n in model.graph.node}
@@ -173,7 +181,7 @@ def quantize_qdq(
             overrides[name] = [{"quant_type": QuantType.QInt16}]
         ranges[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
         methods[name] = {"lo": lo, "hi": hi, "method": used, "bits": bits}
-        if wide_nodes is not None and name in plan.int8_readers:
+        if plan is not None and name in plan.int8_readers:
             conv = _int8_copy(stats, plan.int8_readers[name], int8_ranges.get(name), spec, method, percentile)
             overrides.setdefault(name, [{}])[0]["convert"] = conv
             methods[name]["int8_copy"] = {k: v for k, v in conv.items() if k in ("lo", "hi", "method")}
@@ -220,7 +228,7 @@ def quantize_qdq(
         "excluded_nodes": exclude,
         "mask_path_nodes": sorted(mask_nodes),
         "promoted_to_16_bits": sorted(t for t, b in promote.items() if b == 16),
-        "requantized_to_int8": {t: sorted(r) for t, r in sorted(plan.int8_readers.items())} if wide_nodes is not None else {},
+        "requantized_to_int8": {t: sorted(r) for t, r in sorted(plan.int8_readers.items())} if plan is not None else {},
         "range_methods": dict(sorted(won.items())),
         "op_histogram": dict(sorted(counts.items())),
     }

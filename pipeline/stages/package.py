@@ -62,7 +62,7 @@ class PackageStage(Stage):
     # The manifest embeds the whole recipe, so every section is part of the key.
     sections = tuple(name for name in Recipe.model_fields if name != "base_dir")
     after = ("prepare", "calibrate", "quantize", "validate")
-    revision = 2  # 2: layer_errors/transforms/fallback JSON and report.html
+    revision = 3  # 3: MAC shares by kind (int8 x int8 as audited); 2: layer_errors/transforms/fallback JSON, report.html
 
     def run(self, ctx: RunContext, out: Path) -> dict:
         recipe = ctx.recipe
@@ -96,6 +96,8 @@ class PackageStage(Stage):
                 "calibration_method": recipe.calibration.method,
                 "calibration_samples": records["calibrate"].metrics.get("samples"),
                 "excluded_nodes": quant_record.get("excluded_nodes", []),
+                # int8 x int8 / 16-bit / float MAC shares as an audit of model.onnx counts them
+                "mac_shares": quant_record.get("mac_shares"),
             },
             "metrics": {k: v for k, v in metrics.items() if k != "outputs"},
             "gates": [g.as_dict() for g in gates],
@@ -142,6 +144,7 @@ def _accuracy_summary(extras: dict) -> dict:
         summary["fallback"] = {
             "passed_on_held_out": fb["passed"],
             "promoted_to_16_bits": len(fb["config"]["promoted_to_16_bits"]),
+            "a16w8_nodes": len(fb["config"].get("a16w8_nodes", [])),
             "bf16_nodes": len(fb["config"]["bf16_nodes"]),
             "cpu_nodes": len(fb["config"]["cpu_nodes"]),
             "shares": fb["chosen"]["shares"] if fb.get("chosen") else None,

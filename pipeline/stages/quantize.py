@@ -28,7 +28,7 @@ class QuantizeStage(Stage):
     name = "quantize"
     sections = ("quantization", "calibration")
     after = ("prepare", "calibrate")
-    revision = 3  # 3: transforms as a registry (quantization.transforms)
+    revision = 4  # 4: 16-bit values keep int8 MAC readers (requantized); A16W8 fallback rung; output-error ranges
     outputs = ("model.onnx", "ranges.json")
     optional_outputs = (
         "emulated.onnx",  # the model validate runs when it differs from model.onnx (BF16, BF16 fallback nodes)
@@ -64,7 +64,9 @@ def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
         target=target, fmt=fmt, method=recipe.calibration.method, percentile=recipe.calibration.percentile,
         exclude_nodes=tuple(q.exclude_nodes), transforms=[(s.name, s.settings) for s in q.transform_steps()],
         transform_samples=min(q.transform_samples, recipe.calibration.samples),
-        promoted_method=q.fallback.promoted_method,
+        promoted_method=q.fallback.promoted_method, free_16bit=q.free_16bit,
+        output_error_ranges=q.mac_input_ranges == "output_error",
+        output_error_samples=min(q.output_error_samples, recipe.calibration.samples),
     )
     fallback = None
     if q.fallback.enabled and recipe.gates:
