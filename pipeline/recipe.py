@@ -114,6 +114,9 @@ class FallbackSettings(_Strict):
     max_node_share_off_npu: Annotated[float, Field(ge=0, le=1)] = 0.0
     # Share of all MAC-op MACs that must stay int8 x int8 (activation and weight from 8-bit Q/DQ).
     min_mac_share_int8: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # The recipe gates the held-out search steers by (default: every gate it can measure). A metric too
+    # noisy on a few hundred samples to steer by (nn_agreement) can be left to validation.
+    gates: list[str] | None = None
     rungs: list[Literal["a16", "a16w8", "bf16", "cpu"]] = Field(
         default_factory=lambda: ["a16", "a16w8", "bf16", "cpu"])
     # Extra scorings on a rung that fails even in full (only to draw the accuracy-vs-share curve).

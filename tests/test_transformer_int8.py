@@ -281,3 +281,57 @@ def test_fallback_baseline_below_the_bound_is_reported_not_searched():
     result = search(space)
     assert not result.passed and len(result.points) == 1 and "min_mac_share_int8" in result.notes[-1]
     assert result.config == FallbackConfig()
+
+
+# --- through the CLI: a model int8 breaks fails its gate, never a silent pass ------------------------
+
+def _block_recipe(tmp_path: Path, quantization: dict, *, name: str) -> Path:
+    import yaml
+
+    onnx.save(_block(), str(tmp_path / "block.onnx"))
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((40, T, D)).astype(np.float32))
+    np.savez(tmp_path / "val.npz", x=rng.standard_normal((16, T, D)).astype(np.float32))
+    recipe = {
+        "name": name, "model": {"onnx": "block.onnx"}, "inputs": [{"name": "x", "shape": [1, T, D]}],
+        "calibration": {"data": {"kind": "npz", "path": "calib.npz"}, "samples": 24, "method": "minmax"},
+        "validation": {"data": {"kind": "npz", "path": "val.npz"}, "samples": 16, "task": "embedding"},
+        "quantization": {"target": "xdna2", "format": "a8w8", **quantization},
+        "gates": [{"metric": "cosine_mean", "min": 0.999}],
+        "output": f"out-{name}",
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_cli_plain_int8_fails_its_gate_and_the_techniques_pass_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    plain = runner.invoke(app, ["run", str(_block_recipe(tmp_path, {}, name="plain")), "--quiet"])
+    assert plain.exit_code == 4, plain.output  # a gate failure, reported, the artifact still written
+    manifest = json.loads((tmp_path / "out-plain" / "artifact" / "manifest.json").read_text())
+    assert manifest["gates_passed"] is False and manifest["metrics"]["cosine_mean"] < 0.99
+    techniques = {"transforms": [{"outlier_split": {"channels": 2, "ratio": 16}},
+                                 {"smoothquant": {"alpha": 0.5, "residual": True}}],
+                  "free_16bit": True, "mac_input_ranges": "output_error",
+                  "fallback": {"enabled": True, "holdout": 16, "rungs": ["a16w8"], "min_mac_share_int8": 0.9}}
+    fixed = runner.invoke(app, ["run", str(_block_recipe(tmp_path, techniques, name="fixed")), "--quiet"])
+    assert fixed.exit_code == 0, fixed.output
+    manifest = json.loads((tmp_path / "out-fixed" / "artifact" / "manifest.json").read_text())
+    assert manifest["gates_passed"] is True and manifest["quantization"]["mac_shares"]["mac_share_int8"] >= 0.9
+    report = (tmp_path / "out-fixed" / "artifact" / "report.md").read_text()
+    assert "MACs int8 x int8" in report
+
+
+def test_fallback_gates_must_name_recipe_gates(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    path = _block_recipe(tmp_path, {"fallback": {"enabled": True, "gates": ["nn_agreement"]}}, name="typo")
+    result = CliRunner().invoke(app, ["run", str(path), "--quiet"])
+    assert result.exit_code == 2 and "quantization.fallback.gates" in result.output

@@ -16,6 +16,7 @@ rerun with other settings without running the model again.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -99,6 +100,7 @@ def run_quantize_flow(
         int8_ranges = {t: (c.lo, c.hi) for t, c in chosen.items()}
         range_report = {t: c.to_json() for t, c in sorted(chosen.items())}
 
+    @functools.lru_cache(maxsize=4)  # the fallback's last configurations: the chosen one is not redone
     def quantize(config: FallbackConfig):
         moved = sorted(config.bf16 | config.cpu)
         return quantize_qdq(transformed, histograms, **common, exclude_nodes=[*settings.exclude_nodes, *moved],

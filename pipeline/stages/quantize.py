@@ -18,6 +18,7 @@ from ..quant.bf16 import emulate_bf16
 from ..quant.fallback import HeldOutFallback
 from ..quant.flow import QuantizeSettings, run_quantize_flow
 from ..quant.histogram import StatsCollector
+from ..errors import RecipeError
 from ..recipe import Recipe
 from ..runner import RunContext, Stage
 
@@ -69,6 +70,10 @@ def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
         output_error_samples=min(q.output_error_samples, recipe.calibration.samples),
     )
     fallback = None
+    unknown = sorted(set(q.fallback.gates or ()) - {g.metric for g in recipe.gates})
+    if unknown:
+        raise RecipeError(f"quantization.fallback.gates: {', '.join(unknown)} is not a gate of this recipe "
+                          f"(its gates: {', '.join(g.metric for g in recipe.gates) or 'none'}); list gates by metric")
     if q.fallback.enabled and recipe.gates:
         def fallback(transformed, quantize):
             batches, where = holdout_batches(recipe, q.fallback.holdout)

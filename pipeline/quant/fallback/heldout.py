@@ -74,8 +74,10 @@ class HeldOutFallback:
         self._kinds = mac_shares(self._base[0]).nodes  # int8 x int8 as an audit of the QDQ model counts it
         probe = self._metrics(self._base[0])
         self._scores = {FallbackConfig(): {k: v for k, v in probe.items() if isinstance(v, (int, float))}}
-        gates = [g for g in self.gates if g.metric in probe]
-        skipped = sorted({g.metric for g in self.gates} - {g.metric for g in gates})
+        steering = self.gates if settings.gates is None else [g for g in self.gates if g.metric in settings.gates]
+        gates = [g for g in steering if g.metric in probe]
+        skipped = sorted({g.metric for g in steering} - {g.metric for g in gates})
+        left = sorted({g.metric for g in self.gates} - {g.metric for g in steering})
         offered = {"bf16": Format.BF16, "a16w8": Format.A16W8}
         rungs = [r for r in settings.rungs if r not in offered or offered[r] in self.target.formats]
         space = SearchSpace(
@@ -99,6 +101,8 @@ class HeldOutFallback:
         result.notes.insert(0, f"held-out split: {self.where}")
         if skipped:
             result.notes.append(f"gates not measurable on the held-out split, left out of the search: {', '.join(skipped)}")
+        if left:
+            result.notes.append(f"gates left to validation by the recipe (fallback.gates): {', '.join(left)}")
         for rung in sorted(set(offered) & set(settings.rungs) - set(rungs)):
             result.notes.append(f"{rung} rung skipped: target {self.target.name} does not take {offered[rung].value}")
         return result
