@@ -225,6 +225,18 @@ def test_output_error_ranges_clip_what_the_weights_ignore_and_keep_what_they_use
         assert choice.error_db >= choice.minmax_db
 
 
+def test_an_output_error_range_never_clips_a_residual_reader():
+    """h feeds mm1 and the residual Add: a range chosen for mm1 goes to mm1's int8 copy when h is 16-bit,
+    and nowhere when h is one int8 value for both (the Add would be clipped too)."""
+    model = _block()
+    batches = _batches(8)
+    clip = {"h": (-0.5, 0.5), "g": (-1.0, 1.0)}
+    _, shared, _ = _quantize(model, batches, wide_nodes=(), int8_ranges=clip)
+    assert shared["h"]["method"] != "output-error" and shared["g"]["method"] == "output-error"  # g: mm2 only
+    _, split, _ = _quantize(model, batches, promote={"h": 16}, wide_nodes=(), int8_ranges=clip)
+    assert split["h"]["bits"] == 16 and split["h"]["int8_copy"] == {"lo": -0.5, "hi": 0.5, "method": "output-error"}
+
+
 # --- the flow and the fallback -----------------------------------------------------------------------
 
 def test_flow_keeps_matmuls_int8_and_beats_plain_int8():

@@ -20,7 +20,7 @@ import onnx
 
 from ..core.formats import Format
 from ..core.masks import mask_path_nodes, masked_softmax_inputs
-from ..core.ops import MAC_OPS, QUANTIZABLE_OPS
+from ..core.ops import LAYOUT_OPS, MAC_OPS, QUANTIZABLE_OPS
 from ..errors import RecipeError, StageError
 from .histogram import StatsCollector, TensorStats
 from .ranges import choose_range
@@ -77,6 +77,32 @@ def _requant_plan(model, promote: Mapping[str, int], wide_nodes, spec):
     return plan_bits(model, {t for t, b in promote.items() if b == 16}, wide_nodes)
 
 
+def _read_by_macs_only(model: onnx.ModelProto, tensors) -> set[str]:
+    """The `tensors` every reader of which, through layout ops, is a MAC node (and no graph output)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+
+    def only_macs(tensor: str) -> bool:
+        todo, seen = [tensor], {tensor}
+        while todo:
+            name = todo.pop()
+            if name in outputs or not readers.get(name):
+                return False
+            for node in readers[name]:
+                if node.op_type in LAYOUT_OPS:
+                    if node.output[0] not in seen:
+                        seen.add(node.output[0])
+                        todo.append(node.output[0])
+                elif node.op_type not in MAC_OPS:
+                    return False
+        return True
+
+    return {t for t in tensors if only_macs(t)}
+
+
 def _int8_copy(stats: TensorStats, readers, lo_hi, spec, method: str, percentile: float) -> dict:
     """The "convert" override of a 16-bit tensor: the int8 copy its MAC readers get, with its own range
     (`lo_hi`, else the recipe's method at 8 bits). "lo"/"hi"/"method" are for the report (popped after)."""
@@ -130,8 +156,9 @@ def quantize_qdq(
     `wide_nodes` (None: every MAC node reading a promoted value reads it at 16 bits, as A16W8) names the
     MAC nodes that may read 16 bits; every other MAC reader of a 16-bit value gets an int8 copy through a
     requantizing pair (`pipeline.quant.requant`), so 16-bit residuals and LayerNorms cost no int8 MACs.
-    `int8_ranges` overrides the (lo, hi) of a tensor's int8 quantization (its own or its int8 copy's),
-    e.g. ranges chosen by the reading layer's output error (`pipeline.quant.output_ranges`).
+    `int8_ranges` overrides the (lo, hi) of a tensor's int8 quantization (its int8 copy's, or its own when
+    only MAC nodes read it: a clip chosen for them must not clip a residual Add reading the same int8
+    value), e.g. ranges chosen by the reading layer's output error (`pipeline.quant.output_ranges`).
     """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
@@ -148,6 +175,10 @@ def quantize_qdq(
     if plan is not None:
         promote = {t: 16 for t in plan.wide16}
     int8_ranges = dict(int8_ranges or {})
+    if int8_ranges:
+        copies = set(plan.int8_readers) if plan is not None else set()
+        keep = copies | _read_by_macs_only(model, set(int8_ranges) - copies)
+        int8_ranges = {t: r for t, r in int8_ranges.items() if t in keep}
     present_ops = {n.op_type for n in model.graph.node}
     op_types = sorted(op for op in present_ops & QUANTIZABLE_OPS if target.runs(op, fmt))
     known_nodes = {n.name for n in model.graph.node}
