@@ -80,7 +80,8 @@ class ValidationSettings(OutputsSpec):
 
 class FallbackSettings(_Strict):
     """Accuracy-aware fallback (`pipeline.fallback`): when a gate fails on a held-out split of the
-    calibration data, move the most sensitive layers to 16-bit activations, then BF16, then the CPU."""
+    calibration data, move the most sensitive values to 16 bits (their MAC readers keep int8 copies), then
+    MAC nodes to 16-bit activations (A16W8), then nodes to BF16, then to the CPU."""
 
     enabled: bool = False
     # Calibration samples after the first `calibration.samples` ones, used to check the gates.
@@ -90,7 +91,13 @@ class FallbackSettings(_Strict):
     max_mac_share_off_int8: Annotated[float, Field(ge=0, le=1)] = 1.0
     max_mac_share_off_npu: Annotated[float, Field(ge=0, le=1)] = 0.0
     max_node_share_off_npu: Annotated[float, Field(ge=0, le=1)] = 0.0
-    rungs: list[Literal["a16", "bf16", "cpu"]] = Field(default_factory=lambda: ["a16", "bf16", "cpu"])
+    # Share of all MAC-op MACs that must stay int8 x int8 (activation and weight from 8-bit Q/DQ).
+    min_mac_share_int8: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # The recipe gates the held-out search steers by (default: every gate it can measure). A metric too
+    # noisy on a few hundred samples to steer by (nn_agreement) can be left to validation.
+    gates: list[str] | None = None
+    rungs: list[Literal["a16", "a16w8", "bf16", "cpu"]] = Field(
+        default_factory=lambda: ["a16", "a16w8", "bf16", "cpu"])
     # Extra scorings on a rung that fails even in full (only to draw the accuracy-vs-share curve).
     curve_points: Annotated[int, Field(ge=0, le=16)] = 3
     # Range method of tensors promoted to 16 bits (outliers clipped by a percentile cost more than
@@ -145,6 +152,13 @@ class QuantizationSettings(_Strict):
     bias_correction: bool = False
     # Calibration samples the transforms' per-channel statistics are taken from (at most).
     transform_samples: Annotated[int, Field(ge=1)] = 128
+    # Every value some non-MAC op reads (residual sums, LayerNorm inputs/outputs, Softmax inputs) at 16
+    # bits; MatMul/Gemm/Conv readers get int8 copies (a requantizing Q/DQ pair), so no int8 MAC is lost.
+    free_16bit: bool = False
+    # Int8 ranges of MAC inputs: the calibration method's, or the candidate that minimises the reading
+    # layer's output error on `output_error_samples` calibration samples (pipeline.quant.output_ranges).
+    mac_input_ranges: Literal["method", "output_error"] = "method"
+    output_error_samples: Annotated[int, Field(ge=1)] = 8
     fallback: FallbackSettings = FallbackSettings()
     # Tensors that mix ranges (a Concat of box coordinates and scores) kept at 16 bits or float (quant.guard).
     range_guard: GuardConfig = GuardConfig()

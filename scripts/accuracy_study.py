@@ -7,7 +7,11 @@ Runs export/prepare/calibrate once (cached in <out>/<recipe name>/), then quanti
 with every (format, method) from the same statistics and validates it on the recipe's validation set
 with NPU numerics (unfused QDQ), exactly as the validate stage does. With --transforms it also measures,
 in the recipe's own format and method, no transform / each transform alone / the recipe's combination.
-Prints markdown tables; the figures in the report of issue 5 come from this script.
+With --int8 (transformers in int8, issue 9) it measures each int8 technique alone and combined, through
+the quantize flow: cosine, NN agreement, the int8 x int8 MAC share (`pipeline.quant.mac_share`, the audit's
+definition) and the time each took; `--heldout-sets K` also scores K sets of 200 calibration sentences the
+statistics never saw. Every model is saved in <out>/<recipe name>/int8/ for an independent audit.
+Prints markdown tables; the figures in the reports of issues 5 and 9 come from this script.
 """
 
 from __future__ import annotations
@@ -124,6 +128,67 @@ def transform_table(recipe, out: Path, samples: int | None, *, fmt: Format | Non
     return format_table(header, rows, markdown=True)
 
 
+INT8_VARIANTS = [  # (label, transforms, flow settings)
+    ("plain A8W8", [], {}),
+    ("previous recipe: SmoothQuant 0.3", [("smoothquant", {"alpha": 0.3})], {}),
+    ("16-bit values, int8 MAC inputs", [], {"free_16bit": True}),
+    ("residual SmoothQuant 0.5", [("smoothquant", {"alpha": 0.5, "residual": True})], {}),
+    ("outlier split (8, 4)", [("outlier_split", {"channels": 8, "ratio": 4})], {}),
+    ("output-error ranges", [], {"output_error_ranges": True}),
+    ("16-bit values + residual SmoothQuant", [("smoothquant", {"alpha": 0.5, "residual": True})], {"free_16bit": True}),
+    ("16-bit values + outlier split", [("outlier_split", {"channels": 8, "ratio": 4})], {"free_16bit": True}),
+    ("16-bit values + split + residual SmoothQuant",
+     [("outlier_split", {"channels": 8, "ratio": 4}), ("smoothquant", {"alpha": 0.5, "residual": True})],
+     {"free_16bit": True}),
+    ("all: + output-error ranges (the recipe)",
+     [("outlier_split", {"channels": 8, "ratio": 4}), ("smoothquant", {"alpha": 0.5, "residual": True})],
+     {"free_16bit": True, "output_error_ranges": True}),
+    ("16-bit values + output-error ranges", [], {"free_16bit": True, "output_error_ranges": True}),
+    ("16-bit values + split + output-error ranges", [("outlier_split", {"channels": 8, "ratio": 4})],
+     {"free_16bit": True, "output_error_ranges": True}),
+]
+
+
+def int8_table(recipe, out: Path, samples: int | None, heldout_sets: int = 0, only: str = "") -> str:
+    """Each int8 technique alone and combined (INT8_VARIANTS), in the recipe's format and method."""
+    from onnx import save
+
+    from pipeline.quant.flow import QuantizeSettings, run_quantize_flow
+    from pipeline.quant.mac_share import mac_shares
+
+    model, stats, batches, labels = prepare(recipe, out)
+    batches = batches[:samples] if samples else batches
+    used = recipe.calibration.samples
+    extra = list(open_dataset(recipe, "calibration", limit=used + 200 * heldout_sets))[used:] if heldout_sets else []
+    sets = {"validation": batches, **{f"held-out {i + 1}": extra[200 * i: 200 * (i + 1)] for i in range(heldout_sets)}}
+    target, fmt = recipe.target_and_format()
+    q = recipe.quantization
+    saved = out / "int8"
+    saved.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, (label, steps, flags) in enumerate(INT8_VARIANTS):
+        if only and str(index) not in only.split(","):
+            continue
+        start = time.perf_counter()
+        settings = QuantizeSettings(target=target, fmt=fmt, method=recipe.calibration.method,
+                                    percentile=recipe.calibration.percentile, exclude_nodes=tuple(q.exclude_nodes),
+                                    transforms=steps, transform_samples=min(q.transform_samples, used),
+                                    promoted_method=q.fallback.promoted_method, **flags)
+        outcome = run_quantize_flow(model, stats, settings,
+                                    calibration=lambda limit: open_dataset(recipe, "calibration", limit=limit))
+        seconds = time.perf_counter() - start
+        save(outcome.model, str(saved / f"variant{index}.onnx"))
+        share = mac_shares(outcome.model).share_int8
+        scores = {name: evaluate(recipe, model, outcome.model, b, None) for name, b in sets.items() if b}
+        nn = [m["nn_agreement"] for m in scores.values()]
+        cells = [f"{m['cosine_mean']:.4f} / {m['nn_agreement']:.1f}" for m in scores.values()]
+        rows.append((label, *cells, f"{np.mean(nn):.2f}", f"{100 * share:.1f}", f"{seconds:.0f}", f"variant{index}.onnx"))
+        print(f"  {label}: " + " | ".join(cells) + f" | int8 MACs {100 * share:.1f}% | {seconds:.0f} s", flush=True)
+    header = ("technique", *(f"{name}: cosine / NN %" for name in sets), "mean NN %", "int8 x int8 MACs %",
+              "seconds (transforms + ranges + quantize)", "model")
+    return format_table(header, rows, markdown=True)
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -139,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-methods", action="store_true", help="skip the method x format table")
     parser.add_argument("--transform-format", default=None, help="format of the transform table (default: the recipe's)")
     parser.add_argument("--transform-method", default=None, help="range method of the transform table")
+    parser.add_argument("--int8", action="store_true", help="each int8 technique alone and combined (issue 9)")
+    parser.add_argument("--heldout-sets", type=int, default=0, help="with --int8: also score K x 200 held-out sentences")
+    parser.add_argument("--variants", default="", help="with --int8: comma-separated variant indices (default: all)")
     parser.add_argument("--out", type=Path, default=Path("build/study"))
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe)
@@ -154,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         fmt = Format(args.transform_format) if args.transform_format else None
         method = args.transform_method or None
         print(transform_table(recipe, out, args.samples, fmt=fmt, method=method) + "\n", flush=True)
+    if args.int8:
+        print(f"## {recipe.name}: int8 techniques (NPU numerics)\n", flush=True)
+        print(int8_table(recipe, out, args.samples, args.heldout_sets, args.variants) + "\n", flush=True)
     return 0
 
 

@@ -151,15 +151,37 @@ def test_smoothquant_keeps_the_float_function_and_balances_ranges():
 
 
 def test_smoothquant_alpha_balances_each_channel_exactly():
-    """alpha = 0.5: per channel, max|X'_j| == max|W'_j| (both sqrt(max|X_j| max|W_j|))."""
+    """alpha = 0.5: per channel, max|X'_j| == max|W'_j| (both sqrt(max|X_j| max|W_j|)), where the scale folds
+    into a weight (c2: into the value projection's columns)."""
     model = _attention_like()
     feeds = _feeds_attention()
     result = _apply(model, ("smoothquant", {"alpha": 0.5}), batches=lambda: iter(feeds), samples=4)
     graph = Editable(result.model)
+    stats = collect_channel_stats(result.model, {"c2": (3, 2)}, iter(feeds), limit=4)
+    dense = next(n for n in result.model.graph.node if n.op_type == "MatMul" and n.input[0] == "c2")
+    w, axis = graph.weight(dense)
+    np.testing.assert_allclose(stats["c2"].absmax, np.abs(w).max(axis=1 - axis), rtol=1e-4)
+
+
+def test_smoothquant_into_a_mul_puts_its_constant_on_the_int8_grid():
+    """u3 folds into Mul(0.5): the new per-channel constant 0.5 / s is quantized per tensor like an
+    activation, so s is snapped to make it a multiple of max / 127 exactly; balance holds to that grid."""
+    model = _attention_like()
+    feeds = _feeds_attention()
+    result = _apply(model, ("smoothquant", {"alpha": 0.5}), batches=lambda: iter(feeds), samples=4)
+    for f in feeds:
+        for want, got in zip(_run(model, f), _run(result.model, f)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    graph = Editable(result.model)
+    mul = next(n for n in result.model.graph.node if n.op_type == "Mul")
+    c = graph.const(mul.input[1]).ravel().astype(np.float64)
+    steps = c / (np.abs(c).max() / 127)
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
     stats = collect_channel_stats(result.model, {"u3": (2, 1)}, iter(feeds), limit=4)
     gemm = next(n for n in result.model.graph.node if n.op_type == "Gemm")
     w, axis = graph.weight(gemm)
-    np.testing.assert_allclose(stats["u3"].absmax, np.abs(w).max(axis=1 - axis), rtol=1e-4)
+    ratio = stats["u3"].absmax / np.abs(w).max(axis=1 - axis)  # 1 before snapping; within a grid step after
+    assert np.all(np.abs(np.log(ratio)) < np.log(2.0)) and np.median(np.abs(ratio - 1)) < 0.1
 
 
 def test_cross_layer_equalization_keeps_the_function_and_equalizes():

@@ -13,18 +13,19 @@ What is decided here is what to quantize and with which range:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import numpy as np
 import onnx
 
 from ..core.formats import Format
 from ..core.masks import mask_path_nodes, masked_softmax_inputs
-from ..core.ops import MAC_OPS, QUANTIZABLE_OPS
+from ..core.ops import LAYOUT_OPS, MAC_OPS, QUANTIZABLE_OPS
 from ..errors import RecipeError, StageError
 from .histogram import StatsCollector, TensorStats
 from .ranges import choose_range
 from .ranges.methods import pow2_scale_mse
+from .requant import plan_bits
 
 __all__ = ["quantize_qdq", "pow2_override"]
 
@@ -68,6 +69,58 @@ def _promoted_constants(model: onnx.ModelProto, promoted: set[str]) -> list[str]
     return sorted(found)
 
 
+def _requant_plan(model, promote: Mapping[str, int], wide_nodes, spec):
+    """The requantizing plan (`pipeline.quant.requant`) when the format's activations are 8-bit and the
+    caller asked for it (`wide_nodes` given); None keeps the plain rule (readers of 16 bits read 16 bits)."""
+    if wide_nodes is None or spec.activation_bits >= 16:
+        return None
+    return plan_bits(model, {t for t, b in promote.items() if b == 16}, wide_nodes)
+
+
+def _read_by_macs_only(model: onnx.ModelProto, tensors) -> set[str]:
+    """The `tensors` every reader of which, through layout ops, is a MAC node (and no graph output)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+
+    def only_macs(tensor: str) -> bool:
+        todo, seen = [tensor], {tensor}
+        while todo:
+            name = todo.pop()
+            if name in outputs or not readers.get(name):
+                return False
+            for node in readers[name]:
+                if node.op_type in LAYOUT_OPS:
+                    if node.output[0] not in seen:
+                        seen.add(node.output[0])
+                        todo.append(node.output[0])
+                elif node.op_type not in MAC_OPS:
+                    return False
+        return True
+
+    return {t for t in tensors if only_macs(t)}
+
+
+def _int8_copy(stats: TensorStats, readers, lo_hi, spec, method: str, percentile: float) -> dict:
+    """The "convert" override of a 16-bit tensor: the int8 copy its MAC readers get, with its own range
+    (`lo_hi`, else the recipe's method at 8 bits). "lo"/"hi"/"method" are for the report (popped after)."""
+    from onnxruntime.quantization import QuantType
+
+    if lo_hi is not None:
+        (lo, hi), used = lo_hi, "output-error"
+    else:
+        lo, hi, used = choose_range(stats, method, bits=8, symmetric=spec.symmetric_activations, percentile=percentile)
+    conv = {"quant_type": getattr(QuantType, spec.activation_type), "recv_nodes": set(readers),
+            "lo": float(lo), "hi": float(hi), "method": used}
+    if spec.power_of_two:
+        conv.update(pow2_override(pow2_scale_mse(stats, num_bits=8)))
+    else:
+        conv.update(rmin=np.float32(lo), rmax=np.float32(hi))
+    return conv
+
+
 def _masked_softmax_range(scores: TensorStats, method: str, percentile: float, bits: int):
     """Range for a Softmax input that carries an additive mask (Add(scores, mask) -> Softmax).
 
@@ -91,12 +144,21 @@ def quantize_qdq(
     exclude_nodes: Iterable[str] = (),
     promote: Mapping[str, int] | None = None,
     promote_method: str | None = None,
+    wide_nodes: Collection[str] | None = None,
+    int8_ranges: Mapping[str, tuple[float, float]] | None = None,
 ):
     """QDQ-quantize `model` with ranges from `collector`; returns (model, ranges by tensor, info).
 
     `exclude_nodes` stay float (they run on the CPU). `promote` maps activation tensors to a wider
     integer (16 bits): the accuracy-aware fallback's first step before giving a node up to the CPU;
     `promote_method` (default: `method`) chooses their ranges.
+
+    `wide_nodes` (None: every MAC node reading a promoted value reads it at 16 bits, as A16W8) names the
+    MAC nodes that may read 16 bits; every other MAC reader of a 16-bit value gets an int8 copy through a
+    requantizing pair (`pipeline.quant.requant`), so 16-bit residuals and LayerNorms cost no int8 MACs.
+    `int8_ranges` overrides the (lo, hi) of a tensor's int8 quantization (its int8 copy's, or its own when
+    only MAC nodes read it: a clip chosen for them must not clip a residual Add reading the same int8
+    value), e.g. ranges chosen by the reading layer's output error (`pipeline.quant.output_ranges`).
     """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
@@ -109,6 +171,14 @@ def quantize_qdq(
     method = str(getattr(method, "value", method))
     promote_method = None if promote_method is None else str(getattr(promote_method, "value", promote_method))
     promote = dict(promote or {})
+    plan = _requant_plan(model, promote, wide_nodes, spec)
+    if plan is not None:
+        promote = {t: 16 for t in plan.wide16}
+    int8_ranges = dict(int8_ranges or {})
+    if int8_ranges:
+        copies = set(plan.int8_readers) if plan is not None else set()
+        keep = copies | _read_by_macs_only(model, set(int8_ranges) - copies)
+        int8_ranges = {t: r for t, r in int8_ranges.items() if t in keep}
     present_ops = {n.op_type for n in model.graph.node}
     op_types = sorted(op for op in present_ops & QUANTIZABLE_OPS if target.runs(op, fmt))
     known_nodes = {n.name for n in model.graph.node}
@@ -126,6 +196,10 @@ def quantize_qdq(
         how = promote_method if promote_method is not None and bits != spec.activation_bits else method
         if name in masked_scores and masked_scores[name] in collector:
             lo, hi, used = _masked_softmax_range(collector[masked_scores[name]], how, percentile, bits)
+        elif bits == spec.activation_bits and name in int8_ranges:
+            (lo, hi), used = int8_ranges[name], "output-error"
+            if not spec.power_of_two:  # as overrides: onnxruntime resets Softmax outputs' ranges to [0, 1]
+                overrides[name] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
         else:
             lo, hi, used = choose_range(stats, how, bits=bits, symmetric=symmetric, percentile=percentile)
         if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -138,6 +212,12 @@ def quantize_qdq(
             overrides[name] = [{"quant_type": QuantType.QInt16}]
         ranges[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
         methods[name] = {"lo": lo, "hi": hi, "method": used, "bits": bits}
+        if plan is not None and name in plan.int8_readers:
+            conv = _int8_copy(stats, plan.int8_readers[name], int8_ranges.get(name), spec, method, percentile)
+            overrides.setdefault(name, [{}])[0]["convert"] = conv
+            methods[name]["int8_copy"] = {k: v for k, v in conv.items() if k in ("lo", "hi", "method")}
+            for key in ("lo", "hi", "method"):
+                conv.pop(key)
     if spec.power_of_two:
         overrides.update(_weight_pow2_overrides(model, set(op_types), spec.weight_bits))
     for name in _promoted_constants(model, {t for t, b in promote.items() if b == 16}):
@@ -179,6 +259,7 @@ def quantize_qdq(
         "excluded_nodes": exclude,
         "mask_path_nodes": sorted(mask_nodes),
         "promoted_to_16_bits": sorted(t for t, b in promote.items() if b == 16),
+        "requantized_to_int8": {t: sorted(r) for t, r in sorted(plan.int8_readers.items())} if plan is not None else {},
         "range_methods": dict(sorted(won.items())),
         "op_histogram": dict(sorted(counts.items())),
     }

@@ -24,7 +24,7 @@ __all__ = ["render_html", "worst_histograms", "histogram_series", "svg_scatter",
 
 _W, _H = 720, 260
 _PAD_L, _PAD_R, _PAD_T, _PAD_B = 56, 16, 16, 40
-_RUNG_COLORS = {"baseline": "#444", "a16": "#1f77b4", "bf16": "#ff7f0e", "cpu": "#d62728"}
+_RUNG_COLORS = {"baseline": "#444", "a16": "#1f77b4", "a16w8": "#2ca02c", "bf16": "#ff7f0e", "cpu": "#d62728"}
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
@@ -282,6 +282,7 @@ def _layers(report: dict) -> list[str]:
 
 _RUNG_AXES = {  # x of each rung's curve: the share that rung gives up
     "a16": ("MACs still in int8 (%)", lambda sh: 100 * sh["mac_share_int8"]),
+    "a16w8": ("MACs still in int8 (%)", lambda sh: 100 * sh["mac_share_int8"]),
     "bf16": ("MACs moved to BF16 (%)", lambda sh: 100 * sh["macs_bf16"] / sh["macs_total"] if sh.get("macs_total") else 0),
     "cpu": ("MACs moved to the CPU (%)", lambda sh: 100 * (1 - sh["mac_share_npu"])),
 }
@@ -322,6 +323,7 @@ def _fallback(fallback: dict, gates: Sequence[dict]) -> list[str]:
                        "gates"), rows))
     config = fallback.get("config", {})
     out.append(f"<p>Chosen: {len(config.get('promoted_to_16_bits', []))} tensors at 16 bits, "
+               f"{len(config.get('a16w8_nodes', []))} MAC nodes reading 16 bits, "
                f"{len(config.get('bf16_nodes', []))} nodes in BF16, {len(config.get('cpu_nodes', []))} on the CPU; "
                f"gates on the held-out split {'hold' if fallback.get('passed') else 'still fail'}.</p>")
     out += [f'<p class="note">{_e(n)}</p>' for n in fallback.get("notes", [])]

@@ -127,6 +127,10 @@ def render_markdown(
             f"({_share(placement['npu_mac_share'])})",
             f"- NPU<->CPU transitions: {placement['transitions']}",
         ]
+    shares = manifest.get("quantization", {}).get("mac_shares")
+    if shares:
+        lines.append(f"- MACs int8 x int8 (activation and weight from 8-bit Q/DQ): {_share(shares['mac_share_int8'])}; "
+                     f"16-bit: {_share(shares['mac_share_16'])}; float: {_share(shares['mac_share_float'])}")
     cpu_nodes = [p for p in inspection.placement if p.device == "CPU"]
     if cpu_nodes:
         lines += ["", "Nodes predicted to fall back to the CPU:", ""]
@@ -162,7 +166,8 @@ def _accuracy_work(transforms: dict | None, fallback: dict | None, layer_errors:
         lines.append(format_table(("rung", "units", *metrics, "int8 MACs", "NPU MACs", "NPU nodes", "gates"), rows,
                                   markdown=True))
         config = fallback["config"]
-        lines += ["", f"Chosen: {len(config['promoted_to_16_bits'])} tensors at 16 bits, {len(config['bf16_nodes'])} "
+        lines += ["", f"Chosen: {len(config['promoted_to_16_bits'])} tensors at 16 bits, "
+                  f"{len(config.get('a16w8_nodes', []))} MAC nodes reading 16 bits, {len(config['bf16_nodes'])} "
                   f"nodes in BF16, {len(config['cpu_nodes'])} on the CPU; the held-out gates "
                   f"{'hold' if fallback['passed'] else 'still fail'}."]
         lines += [f"- {note}" for note in fallback.get("notes", [])]

@@ -77,7 +77,8 @@ class PackageStage(Stage):
     after = ("prepare", "calibrate", "quantize", "validate")
     # 2: layer_errors/transforms/fallback JSON and report.html; 3: manifest_sha256, signing
     # 4: per-output metrics and gates, the dead-channel gate, range guard
-    revision = 4
+    # 5: MAC shares by kind (int8 x int8 as audited)
+    revision = 5
     disposable = ("vitisai_cache",)  # the VitisAI EP's compile cache, made by `infer` on an NPU
 
     def __init__(self, sign_key: Path | None = None) -> None:
@@ -120,6 +121,8 @@ class PackageStage(Stage):
                 "calibration_method": recipe.calibration.method,
                 "calibration_samples": records["calibrate"].metrics.get("samples"),
                 "excluded_nodes": quant_record.get("excluded_nodes", []),
+                # int8 x int8 / 16-bit / float MAC shares as an audit of model.onnx counts them
+                "mac_shares": quant_record.get("mac_shares"),
             },
             "metrics": metrics,  # every output by name under "outputs"
             "gates": [g.as_dict() for g in gates],
@@ -173,6 +176,7 @@ def _accuracy_summary(extras: dict) -> dict:
         summary["fallback"] = {
             "passed_on_held_out": fb["passed"],
             "promoted_to_16_bits": len(fb["config"]["promoted_to_16_bits"]),
+            "a16w8_nodes": len(fb["config"].get("a16w8_nodes", [])),
             "bf16_nodes": len(fb["config"]["bf16_nodes"]),
             "cpu_nodes": len(fb["config"]["cpu_nodes"]),
             "shares": fb["chosen"]["shares"] if fb.get("chosen") else None,

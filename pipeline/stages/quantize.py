@@ -18,6 +18,7 @@ from ..quant.bf16 import emulate_bf16
 from ..quant.fallback import HeldOutFallback
 from ..quant.flow import QuantizeSettings, run_quantize_flow
 from ..quant.histogram import StatsCollector
+from ..errors import RecipeError
 from ..recipe import Recipe
 from ..runner import RunContext, Stage
 
@@ -28,7 +29,7 @@ class QuantizeStage(Stage):
     name = "quantize"
     sections = ("quantization", "calibration")
     after = ("prepare", "calibrate")
-    revision = 4  # 3: transforms as a registry (quantization.transforms); 4: range guard
+    revision = 5  # 3: transforms registry; 4: range guard; 5: 16-bit values keep int8 MAC readers (requantized), A16W8 fallback rung, output-error ranges
     outputs = ("model.onnx", "ranges.json")
     optional_outputs = (
         "emulated.onnx",  # the model validate runs when it differs from model.onnx (BF16, BF16 fallback nodes)
@@ -68,9 +69,15 @@ def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
         target=target, fmt=fmt, method=recipe.calibration.method, percentile=recipe.calibration.percentile,
         exclude_nodes=tuple(q.exclude_nodes), transforms=[(s.name, s.settings) for s in q.transform_steps()],
         transform_samples=min(q.transform_samples, recipe.calibration.samples),
-        promoted_method=q.fallback.promoted_method, guard=q.range_guard,
+        promoted_method=q.fallback.promoted_method, guard=q.range_guard, free_16bit=q.free_16bit,
+        output_error_ranges=q.mac_input_ranges == "output_error",
+        output_error_samples=min(q.output_error_samples, recipe.calibration.samples),
     )
     fallback = None
+    unknown = sorted(set(q.fallback.gates or ()) - {g.metric for g in recipe.gates})
+    if unknown:
+        raise RecipeError(f"quantization.fallback.gates: {', '.join(unknown)} is not a gate of this recipe "
+                          f"(its gates: {', '.join(g.metric for g in recipe.gates) or 'none'}); list gates by metric")
     if q.fallback.enabled and recipe.gates:
         def fallback(transformed, quantize, guard):
             batches, where = holdout_batches(recipe, q.fallback.holdout, float_model)

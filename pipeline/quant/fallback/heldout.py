@@ -17,6 +17,7 @@ from ...core.ops import LAYOUT_OPS, MAC_OPS
 from ...core.tasks import gate_holds, plan_outputs
 from ...inspect import inspect_model
 from ..layer_error import local_sqnr, node_sqnr_drop, quantized_view
+from ..mac_share import mac_shares
 from .search import FallbackConfig, FallbackResult, SearchSpace, search
 from .shares import compute_shares, value_groups
 
@@ -63,6 +64,8 @@ class HeldOutFallback:
     _refs: list | None = None
     _base: tuple | None = None
     _placement: list = field(default_factory=list)
+    _kinds: dict = field(default_factory=dict)
+    _scores: dict = field(default_factory=dict)
 
     def run(self) -> FallbackResult:
         settings = self.settings
@@ -74,15 +77,20 @@ class HeldOutFallback:
         self._refs = [reference.run(None, b) for b in self.batches]
         self._base = self.quantize(FallbackConfig())
         self._placement = inspect_model(self._base[0], self.target, self.fmt).placement
+        self._kinds = mac_shares(self._base[0]).nodes  # int8 x int8 as an audit of the QDQ model counts it
         probe = self._metrics(self._base[0])
-        gates = [g for g in self.gates if self._key(g) in probe]
-        skipped = sorted({self._key(g) for g in self.gates} - {self._key(g) for g in gates})
-        rungs = [r for r in settings.rungs if r != "bf16" or Format.BF16 in self.target.formats]
+        self._scores = {FallbackConfig(): {k: v for k, v in probe.items() if isinstance(v, (int, float))}}
+        steering = self.gates if settings.gates is None else [g for g in self.gates if g.metric in settings.gates]
+        gates = [g for g in steering if self._key(g) in probe]
+        skipped = sorted({self._key(g) for g in steering} - {self._key(g) for g in gates})
+        left = sorted({self._key(g) for g in self.gates} - {self._key(g) for g in steering})
+        offered = {"bf16": Format.BF16, "a16w8": Format.A16W8}
+        rungs = [r for r in settings.rungs if r not in offered or offered[r] in self.target.formats]
         space = SearchSpace(
             score=self._score,
             gates=lambda m: (all(gate_holds(float(m[self._key(g)]), g.min, g.max) for g in gates)
                              and m.get("dead_channels_unwaived", 0) == 0),
-            shares=lambda c: compute_shares(self._placement, c, self._readers16),
+            shares=lambda c: compute_shares(self._placement, c, self._kinds),
             rank_values=self._rank_values,
             rank_nodes=self._rank_nodes,
             rungs=rungs,
@@ -90,6 +98,7 @@ class HeldOutFallback:
             max_off_npu=settings.max_mac_share_off_npu,
             max_nodes_off_npu=settings.max_node_share_off_npu,
             curve_points=settings.curve_points,
+            min_int8=settings.min_mac_share_int8,
         )
         if not gates:
             result = FallbackResult(FallbackConfig(), False)
@@ -102,8 +111,10 @@ class HeldOutFallback:
         if probe.get("dead_channels_unwaived"):
             result.notes.append("the all-int8 model has dead output channels on the held-out split: the search "
                                 "also makes them live (the default dead-channel gate)")
-        if "bf16" in settings.rungs and "bf16" not in rungs:
-            result.notes.append(f"bf16 rung skipped: target {self.target.name} does not run BF16")
+        if left:
+            result.notes.append(f"gates left to validation by the recipe (fallback.gates): {', '.join(left)}")
+        for rung in sorted(set(offered) & set(settings.rungs) - set(rungs)):
+            result.notes.append(f"{rung} rung skipped: target {self.target.name} does not take {offered[rung].value}")
         return result
 
     def _key(self, gate) -> str:
@@ -129,12 +140,11 @@ class HeldOutFallback:
         return metrics
 
     def _score(self, config: FallbackConfig) -> dict:
+        if config in self._scores:  # the baseline, already scored to see which gates are measurable
+            return self._scores[config]
         qmodel = self.quantize(config)[0]
         metrics = self._metrics(npu_numerics(qmodel, config))
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-
-    def _readers16(self, config: FallbackConfig) -> set[str]:
-        return {n.name for n in self.model.graph.node if any(i in config.promote for i in n.input)}
 
     def _rank_values(self) -> list[list[str]]:
         qmodel, ranges, _ = self._base
@@ -143,11 +153,13 @@ class HeldOutFallback:
         masked = masked_softmax_inputs(self.model)
         scores = local_sqnr(self.model, quantized, self.batches[: self.ranking_samples], masked=masked)
         groups = value_groups(self.model, quantized)
-        mac_read = {i for n in self.model.graph.node if n.op_type in MAC_OPS for i in n.input}
-        # Tensors the range guard found mixing ranges first (the same signal), then values no MAC node
-        # reads: promoting them costs no int8 MACs.
-        return sorted(groups, key=lambda g: (not self.priority & set(g), bool(mac_read & set(g)),
-                                             min(scores[t] for t in g), sorted(g)))
+        # Promoting a value costs no int8 MACs (its MAC readers get int8 copies), and buys nothing when only
+        # MAC nodes read it: only values some other op reads (residual Adds, LayerNorm, Softmax, ...) count.
+        # Tensors the range guard found mixing ranges come first (the same signal).
+        other_read = {i for n in self.model.graph.node if n.op_type not in MAC_OPS | LAYOUT_OPS for i in n.input}
+        other_read |= {o.name for o in self.model.graph.output}
+        groups = [g for g in groups if other_read & set(g)]
+        return sorted(groups, key=lambda g: (not self.priority & set(g), min(scores[t] for t in g), sorted(g)))
 
     def _rank_nodes(self, rung: str, config: FallbackConfig) -> list[str]:
         _, _, info = self._base
@@ -157,6 +169,7 @@ class HeldOutFallback:
             n.name for n in self.model.graph.node
             if n.op_type in quantized_ops and n.name not in excluded
             and (rung != "bf16" or self.target.runs(n.op_type, Format.BF16))
+            and (rung != "a16w8" or self._kinds.get(n.name) == "int8")
         ]
         qmodel = self.quantize(config)[0]
         drops = node_sqnr_drop(self.model, qmodel, self.batches[: self.ranking_samples], candidates)

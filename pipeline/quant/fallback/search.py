@@ -11,19 +11,22 @@ from dataclasses import asdict, dataclass, field, replace
 
 __all__ = ["RUNGS", "FallbackConfig", "Shares", "FallbackPoint", "FallbackResult", "SearchSpace", "search"]
 
-RUNGS = ("a16", "bf16", "cpu")
+RUNGS = ("a16", "a16w8", "bf16", "cpu")
 
 
 @dataclass(frozen=True)
 class FallbackConfig:
-    """What leaves int8: activation tensors at 16 bits, nodes in BF16, nodes on the CPU."""
+    """What leaves int8: activation tensors at 16 bits (their MAC readers still read int8 copies), MAC
+    nodes reading 16-bit activations (A16W8), nodes in BF16, nodes on the CPU."""
 
     promote: frozenset[str] = frozenset()
     bf16: frozenset[str] = frozenset()
     cpu: frozenset[str] = frozenset()
+    wide: frozenset[str] = frozenset()
 
     def to_json(self) -> dict:
-        return {"promoted_to_16_bits": sorted(self.promote), "bf16_nodes": sorted(self.bf16), "cpu_nodes": sorted(self.cpu)}
+        return {"promoted_to_16_bits": sorted(self.promote), "a16w8_nodes": sorted(self.wide),
+                "bf16_nodes": sorted(self.bf16), "cpu_nodes": sorted(self.cpu)}
 
 
 @dataclass(frozen=True)
@@ -107,17 +110,19 @@ class SearchSpace:
     gates: Callable[[dict], bool]  # True when every searchable gate holds
     shares: Callable[[FallbackConfig], Shares]
     rank_values: Callable[[], list[list[str]]]  # 16-bit rung units, most sensitive first
-    rank_nodes: Callable[[str, FallbackConfig], list[str]]  # (rung, current config) -> BF16/CPU rung units
+    rank_nodes: Callable[[str, FallbackConfig], list[str]]  # (rung, current config) -> A16W8/BF16/CPU units
     rungs: Sequence[str] = RUNGS
     max_off_int8: float = 1.0  # shares lost relative to the int8 baseline, of all MACs / counted nodes
     max_off_npu: float = 0.0
     max_nodes_off_npu: float = 0.0
+    min_int8: float = 0.0  # int8 x int8 share of all MACs the result must keep (absolute)
     curve_points: int = 0  # shorter prefixes scored on a rung that fails, only to draw the curve
 
 
 def _within(space: SearchSpace, shares: Shares, baseline: Shares) -> bool:
     eps = 1e-9
     return (baseline.mac_share_int8 - shares.mac_share_int8 <= space.max_off_int8 + eps
+            and shares.mac_share_int8 >= space.min_int8 - eps
             and baseline.mac_share_npu - shares.mac_share_npu <= space.max_off_npu + eps
             and baseline.node_share_npu - shares.node_share_npu <= space.max_nodes_off_npu + eps)
 
@@ -125,16 +130,18 @@ def _within(space: SearchSpace, shares: Shares, baseline: Shares) -> bool:
 def _with(config: FallbackConfig, rung: str, units: Sequence) -> FallbackConfig:
     if rung == "a16":
         return replace(config, promote=config.promote | {t for group in units for t in group})
+    if rung == "a16w8":
+        return replace(config, wide=config.wide | set(units))
     if rung == "bf16":
-        return replace(config, bf16=config.bf16 | set(units))
-    return replace(config, cpu=config.cpu | set(units), bf16=config.bf16 - set(units))
+        return replace(config, bf16=config.bf16 | set(units), wide=config.wide - set(units))
+    return replace(config, cpu=config.cpu | set(units), bf16=config.bf16 - set(units), wide=config.wide - set(units))
 
 
 def search(space: SearchSpace, base: FallbackConfig = FallbackConfig()) -> FallbackResult:
     """Climb the ladder until the gates hold on the held-out split or the budget is spent.
 
-    Per rung: find the longest prefix of the ranking the share budget allows (shares only, no scoring),
-    score it; if the gates still fail, keep it and go to the next rung; if they hold, bisect for the
+    Per rung: take the ranked units greedily while the share budget allows (shares only, no scoring),
+    score them all; if the gates still fail, keep it and go to the next rung; if they hold, bisect for the
     shortest passing prefix. About log2(units) + 1 scorings per rung; it assumes that more precision
     does not hurt (the prefix returned was measured to pass either way).
     """
@@ -142,24 +149,28 @@ def search(space: SearchSpace, base: FallbackConfig = FallbackConfig()) -> Fallb
     baseline = space.shares(base)
     cache: dict[FallbackConfig, FallbackPoint] = {}
 
-    def evaluate(rung: str, k: int, config: FallbackConfig, *, score: bool = True) -> FallbackPoint:
+    def evaluate(rung: str, k: int, config: FallbackConfig, *, score: bool = True, always: bool = False) -> FallbackPoint:
         if config in cache:
             return cache[config]
         shares = space.shares(config)
         within = _within(space, shares, baseline)
-        if not (within and score):
+        if not (within and score) and not always:
             return FallbackPoint(rung, k, {}, shares, False, within)
         metrics = space.score(config)
-        point = FallbackPoint(rung, k, metrics, shares, space.gates(metrics), within)
+        point = FallbackPoint(rung, k, metrics, shares, within and space.gates(metrics), within)
         points.append(point)
         cache[config] = point
         return point
 
     config = base
-    best = evaluate("baseline", 0, config)
+    best = evaluate("baseline", 0, config, always=True)
     result = FallbackResult(config, best.passed, points, best)
     if best.passed:
         result.notes.append("the gates hold without fallback")
+        return result
+    if not best.within_budget:
+        result.notes.append(f"the baseline keeps {baseline.mac_share_int8:.1%} of MACs int8 x int8, below the "
+                            f"recipe's min_mac_share_int8 {space.min_int8:.1%}: nothing can be moved")
         return result
     for rung in space.rungs:
         units = space.rank_values() if rung == "a16" else space.rank_nodes(rung, config)
@@ -167,8 +178,10 @@ def search(space: SearchSpace, base: FallbackConfig = FallbackConfig()) -> Fallb
         if not units:
             result.notes.append(f"{rung}: nothing left to move")
             continue
-        top = _longest_within(lambda k: evaluate(rung, k, _with(config, rung, units[:k]), score=False).within_budget,
-                              len(units))
+        ranked = len(units)
+        units = _fitting(units, lambda chosen: evaluate(rung, len(chosen), _with(config, rung, chosen),
+                                                        score=False).within_budget)
+        top = len(units)
         if top == 0:
             result.notes.append(f"{rung}: not even one unit fits the recipe's share budget")
             continue
@@ -180,8 +193,8 @@ def search(space: SearchSpace, base: FallbackConfig = FallbackConfig()) -> Fallb
                     evaluate(rung, k, _with(config, rung, units[:k]))
             config = _with(config, rung, units[:top])
             result.config, result.chosen = config, full
-            result.notes.append(f"{rung}: gates still fail with {top} of {len(units)} units moved"
-                                + ("" if top == len(units) else " (the share budget stops there)"))
+            result.notes.append(f"{rung}: gates still fail with {top} of {ranked} units moved"
+                                + ("" if top == ranked else " (the others would break the share budget)"))
             continue
         lo, hi = 0, top  # at(lo) fails (the config before this rung), at(hi) passes
         while hi - lo > 1:
@@ -196,21 +209,19 @@ def search(space: SearchSpace, base: FallbackConfig = FallbackConfig()) -> Fallb
     return result
 
 
-def _longest_within(fits: Callable[[int], bool], n: int) -> int:
-    """Largest k <= n with fits(k) (fits is monotone: more units, more share given up); 0 if none."""
-    if fits(n):
-        return n
-    lo, hi = 0, n  # fits(lo) (0 units: the current config, within by induction), not fits(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+def _fitting(units: Sequence, fits: Callable[[list], bool]) -> list:
+    """The units, in ranking order, that fit the budget when taken greedily: one that would break it is
+    skipped and the next ones are still tried (a big layer first in the ranking must not stop the rung)."""
+    kept: list = []
+    for unit in units:
+        if fits([*kept, unit]):
+            kept.append(unit)
+    return kept
 
 
 def _new(config: FallbackConfig, rung: str, unit) -> bool:
     if rung == "a16":
         return not set(unit) <= config.promote
+    if rung == "a16w8":
+        return unit not in config.wide | config.bf16 | config.cpu
     return unit not in config.cpu and (rung == "cpu" or unit not in config.bf16)

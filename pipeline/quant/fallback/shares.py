@@ -3,7 +3,7 @@ nodes run, from the placement of the all-int8 model."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 
 from ...core.ops import LAYOUT_OPS
 from .search import FallbackConfig, Shares
@@ -31,13 +31,15 @@ def value_groups(model, tensors: Iterable[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-def compute_shares(placement, config: FallbackConfig, readers16: Callable[[FallbackConfig], set[str]]) -> Shares:
-    """Shares of a config from the base model's placement (`Inspection.placement` of the int8 model).
+def compute_shares(placement, config: FallbackConfig, base_kinds: Mapping[str, str]) -> Shares:
+    """Shares of a config from the base model's placement (`Inspection.placement` of the int8 model) and
+    the kind of each MAC node in the base QDQ model (`pipeline.quant.mac_share`: "int8", "16", "float").
 
-    A node predicted on the CPU in the int8 model stays there; `config.cpu` nodes join it; BF16 nodes
-    run on the NPU; a MAC node that reads a 16-bit activation runs as A16W8 on the NPU.
+    int8 means int8 x int8 as an audit of the QDQ model counts it: activation and weight from 8-bit DQs.
+    A node predicted on the CPU in the int8 model stays there; `config.cpu` nodes join it; BF16 nodes run on
+    the NPU in float; `config.wide` nodes read 16-bit activations (A16W8). Promoted values (`config.promote`)
+    change no MAC's kind: their MAC readers get int8 copies (`pipeline.quant.requant`).
     """
-    a16_nodes = readers16(config)
     macs = dict(int8=0, a16=0, bf16=0, cpu=0)
     nodes_cpu = 0
     for p in placement:
@@ -45,7 +47,15 @@ def compute_shares(placement, config: FallbackConfig, readers16: Callable[[Fallb
         nodes_cpu += cpu
         if not p.macs:
             continue
-        kind = "cpu" if cpu else "bf16" if p.node in config.bf16 else "a16" if p.node in a16_nodes else "int8"
+        base = base_kinds.get(p.node, "float")
+        if cpu:
+            kind = "cpu"
+        elif p.node in config.bf16 or base == "float":
+            kind = "bf16"
+        elif p.node in config.wide or base == "16":
+            kind = "a16"
+        else:
+            kind = "int8"
         macs[kind] += p.macs
     total = sum(macs.values())
     return Shares(total, macs["int8"], macs["a16"], macs["bf16"], macs["cpu"], len(placement),

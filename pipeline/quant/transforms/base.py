@@ -99,6 +99,10 @@ class TransformResult:
     model: onnx.ModelProto
     report: dict = field(default_factory=dict)
     stale: set[str] = field(default_factory=set)
+    # What a rewrite needs from the quantizer (e.g. `outlier_split`): activations at 16 bits, and MAC nodes
+    # that read 16 bits. A transform states them as its `promote16` / `wide_nodes` attributes.
+    promote16: set[str] = field(default_factory=set)
+    wide_nodes: set[str] = field(default_factory=set)
 
     @property
     def changed(self) -> bool:
@@ -139,4 +143,6 @@ def apply_transforms(model: onnx.ModelProto, transforms: Sequence[Transform], ct
             measured |= set(requests)
         result.stale |= transform.apply(graph, stats, ctx)
         result.report[transform.name] = transform.report()
+        result.promote16 |= set(getattr(transform, "promote16", ()))
+        result.wide_nodes |= set(getattr(transform, "wide_nodes", ()))
     return result
