@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.onnx_utils import load_onnx, make_session  # noqa: E402
+from pipeline.core.onnx_io import load_onnx, make_session  # noqa: E402
 from pipeline.report import format_table  # noqa: E402
 
 CONFIDENT = 0.5  # float top-1 probability above which a crop counts as one the float model is sure of
@@ -83,7 +83,7 @@ def reference_models(float_model: Path) -> dict[str, bytes]:
     """Float with bf16-rounded weights only, and float with bf16 rounding at every op."""
     from onnx import numpy_helper
 
-    from pipeline.bf16 import emulate_bf16, round_to_bf16
+    from pipeline.quant.bf16 import emulate_bf16, round_to_bf16
 
     model = load_onnx(float_model)
     weights_only = load_onnx(float_model)

@@ -7,6 +7,8 @@ What is decided here is what to quantize and with which range:
 - ranges: the recipe's range method per tensor; Softmax inputs that carry an additive mask get a mask-aware
   range (the masked spike is ignored, and the range is wide enough that clipped masked scores still vanish);
 - power-of-two formats (XINT8): scales chosen by minimising quantization MSE, activations and weights alike;
+- weights: `weight_method` (`pipeline.quant.weight_ranges`: minmax, mse) chooses each weight's scale from
+  its exact values; None keeps onnxruntime's max|w| (and XINT8's power-of-two MSE);
 - the format row (`pipeline.core.formats`) gives bit widths, storage types, symmetry and granularity;
   `promote` lifts chosen activations to 16 bits (the accuracy-aware fallback).
 """
@@ -25,6 +27,7 @@ from ..errors import RecipeError, StageError
 from .histogram import StatsCollector, TensorStats
 from .ranges import choose_range
 from .ranges.methods import pow2_scale_mse
+from .weight_ranges import weight_scale
 
 __all__ = ["quantize_qdq", "pow2_override"]
 
@@ -34,11 +37,13 @@ def pow2_override(scale: float) -> dict:
     return {"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}
 
 
-def _weight_pow2_overrides(model: onnx.ModelProto, quantized_ops: set[str], bits: int) -> dict:
-    """Power-of-two scale for every weight initializer of a quantized Conv/Gemm/MatMul (XINT8)."""
+def _weight_overrides(model: onnx.ModelProto, quantized_ops: set[str], bits: int, pow2: bool,
+                      method: str | None) -> dict:
+    """A scale for every weight initializer of a quantized Conv/ConvTranspose/Gemm/MatMul: by `method`
+    (`weight_ranges`), or for XINT8 without one, the power-of-two scale of lowest MSE on its histogram."""
     from onnx import numpy_helper
 
-    weights = {i.name: i for i in model.graph.initializer}
+    weights = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     overrides = {}
     for node in model.graph.node:
         if node.op_type not in MAC_OPS or node.op_type not in quantized_ops:
@@ -46,7 +51,10 @@ def _weight_pow2_overrides(model: onnx.ModelProto, quantized_ops: set[str], bits
         for name in node.input[:2]:
             if name in weights and name not in overrides:
                 values = numpy_helper.to_array(weights[name]).astype(np.float32).ravel()
-                scale = pow2_scale_mse(TensorStats.from_array(values), num_bits=bits)
+                if method is not None:
+                    scale = weight_scale(values, method, bits=bits, power_of_two=pow2)
+                else:
+                    scale = pow2_scale_mse(TensorStats.from_array(values), num_bits=bits)
                 overrides[name] = [pow2_override(scale)]
     return overrides
 
@@ -91,12 +99,14 @@ def quantize_qdq(
     exclude_nodes: Iterable[str] = (),
     promote: Mapping[str, int] | None = None,
     promote_method: str | None = None,
+    weight_method: str | None = None,
 ):
     """QDQ-quantize `model` with ranges from `collector`; returns (model, ranges by tensor, info).
 
     `exclude_nodes` stay float (they run on the CPU). `promote` maps activation tensors to a wider
     integer (16 bits): the accuracy-aware fallback's first step before giving a node up to the CPU;
-    `promote_method` (default: `method`) chooses their ranges.
+    `promote_method` (default: `method`) chooses their ranges. `weight_method`: how weight scales are
+    chosen (module docstring).
     """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
@@ -138,8 +148,10 @@ def quantize_qdq(
             overrides[name] = [{"quant_type": QuantType.QInt16}]
         ranges[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
         methods[name] = {"lo": lo, "hi": hi, "method": used, "bits": bits}
-    if spec.power_of_two:
-        overrides.update(_weight_pow2_overrides(model, set(op_types), spec.weight_bits))
+    if weight_method is not None and (spec.per_channel_weights or spec.weight_bits != 8):
+        weight_method = None  # per-channel (U8S8) and 4-bit weights keep onnxruntime's own scales
+    if spec.power_of_two or weight_method is not None:
+        overrides.update(_weight_overrides(model, set(op_types), spec.weight_bits, spec.power_of_two, weight_method))
     for name in _promoted_constants(model, {t for t, b in promote.items() if b == 16}):
         overrides[name] = [{"quant_type": QuantType.QInt16}]
     extra = {
