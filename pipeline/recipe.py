@@ -166,6 +166,10 @@ class QuantizationSettings(_Strict):
     bias_correction: bool = False
     # Calibration samples the transforms' per-channel statistics are taken from (at most).
     transform_samples: Annotated[int, Field(ge=1)] = 128
+    # Defaults by model family where the recipe is silent (pipeline.quant.presets): auto | cnn | none.
+    preset: Literal["auto", "cnn", "none"] = "auto"
+    # Weight scales (pipeline.quant.weight_ranges): minmax | mse; unset: the preset's, else max |w|.
+    weight_method: Literal["minmax", "mse"] | None = None
     fallback: FallbackSettings = FallbackSettings()
 
     # Checked at load time, so a typo fails before any stage runs.

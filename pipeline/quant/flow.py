@@ -6,13 +6,16 @@ Steps, in order, each optional but the last:
    range comes from the graph that is quantized;
 3. the accuracy-aware fallback (`fallback`) chooses which tensors go to 16 bits and which nodes to BF16
    or the CPU, scored on held-out data by the caller's `fallback` function;
-4. Q/DQ insertion (`qdq.quantize_qdq`) with the chosen configuration.
+4. Q/DQ insertion (`qdq.quantize_qdq`) with the chosen configuration;
+5. the steps that work on the QDQ model (`QuantizedTransform`: AdaRound), in their recipe order. The
+   fallback's candidates are scored without them (rounding is learned once, on the final model).
 Done here, not in calibrate, so calibrate's statistics stay those of the prepared model and quantize can be
 rerun with other settings without running the model again.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +41,7 @@ class QuantizeSettings:
     transforms: Sequence[tuple[str, dict]] = ()  # (registered name, settings), in order
     transform_samples: int = 128
     promoted_method: str = "minmax"
+    weight_method: str | None = None  # `pipeline.quant.weight_ranges`; None: the quantizer's own
 
 
 @dataclass
@@ -64,21 +68,27 @@ def run_quantize_flow(
 ) -> QuantizeOutcome:
     """Run the flow (see the module docstring). `calibration(limit)` opens the calibration data (all of
     it for None); `fallback(float model, quantize)` runs the search and returns its result."""
-    common = dict(target=settings.target, fmt=settings.fmt, method=settings.method, percentile=settings.percentile)
+    common = dict(target=settings.target, fmt=settings.fmt, method=settings.method, percentile=settings.percentile,
+                  weight_method=settings.weight_method)
     transformed, transform_result = model, None
-    if settings.transforms:
-        steps = make_transforms(settings.transforms)
-        samples = settings.transform_samples
-        ctx = TransformContext(
-            batches=lambda: calibration(samples),
-            samples=samples,
-            # Bias correction reads the weights the quantizer makes; they depend on the weights only.
-            quantize=lambda m: quantize_qdq(m, histograms, **common, exclude_nodes=settings.exclude_nodes)[0],
-        )
+    steps = make_transforms(settings.transforms) if settings.transforms else []
+    samples = settings.transform_samples
+    ctx = TransformContext(
+        batches=lambda: calibration(samples),
+        samples=samples,
+        # Bias correction reads the weights the quantizer makes; they depend on the weights only.
+        quantize=lambda m: quantize_qdq(m, histograms, **common, exclude_nodes=settings.exclude_nodes)[0],
+    )
+    seconds: dict[str, float] = {}
+    if steps:
+        start = time.perf_counter()
         transform_result = apply_transforms(model, steps, ctx)
+        seconds["float_transforms"] = time.perf_counter() - start
         transformed = transform_result.model
         if transform_result.stale:
+            start = time.perf_counter()
             histograms = collect_histograms(transformed, calibration(None), progress=progress)
+            seconds["recollect_statistics"] = time.perf_counter() - start
 
     def quantize(config: FallbackConfig):
         moved = sorted(config.bf16 | config.cpu)
@@ -89,7 +99,15 @@ def run_quantize_flow(
     if fallback is not None:
         searched = fallback(transformed, quantize)
         config = searched.config
+    start = time.perf_counter()
     quantized, ranges, info = quantize(config)
+    seconds["qdq"] = time.perf_counter() - start
+    for step in (s for s in steps if s.after_quantization):
+        start = time.perf_counter()
+        quantized = step.apply_quantized(quantized, transformed, ctx)
+        seconds[step.name] = time.perf_counter() - start
+        transform_result.report[step.name] = step.report()
+    info["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     outcome = QuantizeOutcome(quantized, ranges, info, config, fallback=searched)
     if config.bf16:
         outcome.emulated = npu_numerics(quantized, config)

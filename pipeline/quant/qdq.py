@@ -6,7 +6,17 @@ What is decided here is what to quantize and with which range:
 - the attention-mask path (float tensors computed from integer inputs) stays float (`pipeline.core.masks`);
 - ranges: the recipe's range method per tensor; Softmax inputs that carry an additive mask get a mask-aware
   range (the masked spike is ignored, and the range is wide enough that clipped masked scores still vanish);
-- power-of-two formats (XINT8): scales chosen by minimising quantization MSE, activations and weights alike;
+- power-of-two formats (XINT8): scales chosen by minimising quantization MSE, activations and weights alike,
+  and every other constant the quantizer turns into Q/DQ (a Mul/Div/Add operand, a LayerNormalization
+  scale: `_constant_pow2_overrides`) too, zero point 0; the int32 biases onnxruntime derives (Conv,
+  ConvTranspose, Gemm, LayerNormalization's beta: scale = input scale x weight scale) are then powers of
+  two as well, being products of powers of two;
+- fused activations: a tensor read only by a Relu or Clip (Conv -> Relu) gets the activation's output
+  range and scale (`fused_activation_inputs`). The NPU runs Conv+Relu as one kernel that requantizes
+  once, to the output's scale. onnxruntime shares the two by itself, except where a tensor override
+  (XINT8's power-of-two scales, 16-bit promotions) is given: there each got its own, and the
+  pre-activation pair spent int8 levels on values the activation discards (MobileNetV2 XINT8: a 0.125
+  step before each ReLU6 whose output has 0.0625);
 - weights: `weight_method` (`pipeline.quant.weight_ranges`: minmax, mse) chooses each weight's scale from
   its exact values; None keeps onnxruntime's max|w| (and XINT8's power-of-two MSE);
 - the format row (`pipeline.core.formats`) gives bit widths, storage types, symmetry and granularity;
@@ -59,6 +69,31 @@ def _weight_overrides(model: onnx.ModelProto, quantized_ops: set[str], bits: int
     return overrides
 
 
+# Inputs onnxruntime quantizes as an int32 bias with scale = input scale x weight scale (not overridden).
+_BIAS_SLOTS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2, "LayerNormalization": 2, "InstanceNormalization": 2}
+
+
+def _constant_pow2_overrides(model: onnx.ModelProto, quantized_ops: set[str], bits: int, method: str | None,
+                             exclude: set[str], taken: set[str]) -> dict:
+    """XINT8: a power-of-two scale (zero point 0) for every float constant input of a quantized node that is
+    not a MAC weight (those have theirs) or a derived bias, by `method` (default mse) on its exact values."""
+    from onnx import numpy_helper
+
+    consts = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    overrides = {}
+    for node in model.graph.node:
+        if node.op_type not in quantized_ops or node.name in exclude:
+            continue
+        for slot, name in enumerate(node.input):
+            if name not in consts or name in taken or name in overrides or slot == _BIAS_SLOTS.get(node.op_type):
+                continue
+            if node.op_type in MAC_OPS and slot == 1:
+                continue
+            values = numpy_helper.to_array(consts[name]).astype(np.float32).ravel()
+            overrides[name] = [pow2_override(weight_scale(values, method or "mse", bits=bits, power_of_two=True))]
+    return overrides
+
+
 def _promoted_constants(model: onnx.ModelProto, promoted: set[str]) -> list[str]:
     """Constant operands (not weights or biases) of the nodes that write a promoted tensor: a bias Add or
     a position-embedding Add computing at 16 bits reads its constant at 16 bits too (as in A16W8)."""
@@ -74,6 +109,34 @@ def _promoted_constants(model: onnx.ModelProto, promoted: set[str]) -> list[str]
             if name in init and not is_weight:
                 found.add(name)
     return sorted(found)
+
+
+def fused_activation_inputs(model: onnx.ModelProto) -> dict[str, str]:
+    """{tensor: the Relu/Clip output it feeds}, for node outputs read only by a Relu, or by a Clip with
+    constant bounds and a lower bound <= 0: their Q/DQ take the activation's output range (whatever the
+    pair saturates, the activation clips anyway)."""
+    from onnx import numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    produced = {o for n in model.graph.node for o in n.output}
+    outputs = {o.name for o in model.graph.output}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Relu", "Clip") or not node.input or node.input[0] not in produced:
+            continue
+        source = node.input[0]
+        if readers.get(source) != 1 or source in outputs:
+            continue
+        bounds = [n for n in node.input[1:3] if n]
+        if node.op_type == "Clip" and (any(n not in consts or consts[n].size != 1 for n in bounds)
+                                       or (len(node.input) > 1 and node.input[1] and float(consts[node.input[1]].ravel()[0]) > 0)):
+            continue
+        found[source] = node.output[0]
+    return found
 
 
 def _masked_softmax_range(scores: TensorStats, method: str, percentile: float, bits: int):
@@ -148,10 +211,21 @@ def quantize_qdq(
             overrides[name] = [{"quant_type": QuantType.QInt16}]
         ranges[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
         methods[name] = {"lo": lo, "hi": hi, "method": used, "bits": bits}
+    for source, out in fused_activation_inputs(model).items():
+        if source in methods and out in methods and methods[source]["bits"] == methods[out]["bits"]:
+            ranges[source] = ranges[out]
+            methods[source] = {**methods[out], "method": f"fused:{methods[out]['method']}"}
+            if out in overrides:
+                overrides[source] = overrides[out]
+            else:
+                overrides.pop(source, None)
     if weight_method is not None and (spec.per_channel_weights or spec.weight_bits != 8):
         weight_method = None  # per-channel (U8S8) and 4-bit weights keep onnxruntime's own scales
     if spec.power_of_two or weight_method is not None:
         overrides.update(_weight_overrides(model, set(op_types), spec.weight_bits, spec.power_of_two, weight_method))
+    if spec.power_of_two:
+        overrides.update(_constant_pow2_overrides(model, set(op_types), spec.weight_bits, weight_method, set(exclude),
+                                                  set(overrides)))
     for name in _promoted_constants(model, {t for t, b in promote.items() if b == 16}):
         overrides[name] = [{"quant_type": QuantType.QInt16}]
     extra = {

@@ -12,6 +12,10 @@
     report.md             what a person reads: accuracy, gates, placement, per-stage time
     report.html           the same and the plots (per-layer SQNR, fallback curve, histograms); offline
 
+The artifact is checked against its target's hard rules (`inspect_model`, with the recipe's format); the
+verdict is in placement.json and the report, and the stage's metrics carry it (`ready`, `violations`), so
+that `run` exits 5 (ReadinessError) after the bundle is written when the pipeline's own model breaks one.
+
 Everything but `report.md` is deterministic (no timestamps, sorted keys; report.html included), so two
 clean runs give byte-identical files; `report.md` holds wall-clock stage times and is therefore not hashed.
 """
@@ -62,7 +66,7 @@ class PackageStage(Stage):
     # The manifest embeds the whole recipe, so every section is part of the key.
     sections = tuple(name for name in Recipe.model_fields if name != "base_dir")
     after = ("prepare", "calibrate", "quantize", "validate")
-    revision = 2  # 2: layer_errors/transforms/fallback JSON and report.html
+    revision = 3  # 3: readiness verdict in the stage metrics
 
     def run(self, ctx: RunContext, out: Path) -> dict:
         recipe = ctx.recipe
@@ -94,6 +98,8 @@ class PackageStage(Stage):
                 "format": fmt.value,
                 "transforms": [step.model_dump(mode="json") for step in recipe.quantization.transform_steps()],
                 "calibration_method": recipe.calibration.method,
+                # What the quantize stage applied: the recipe's choices, and its preset's where it is silent.
+                "applied": quant_record.get("settings", {}),
                 "calibration_samples": records["calibrate"].metrics.get("samples"),
                 "excluded_nodes": quant_record.get("excluded_nodes", []),
             },
@@ -114,9 +120,15 @@ class PackageStage(Stage):
         manifest["files"] = files
         atomic_write(out / "manifest.json", dump_json(manifest))
         atomic_write(out / "report.md", render_markdown(manifest, metrics, records, inspection, **extras))
-        return {"gates_passed": manifest["gates_passed"], "gates": manifest["gates"], "files": files}
+        return {
+            "gates_passed": manifest["gates_passed"], "gates": manifest["gates"], "files": files,
+            "ready": inspection.ok,
+            "violations": [f"[{f.rule}] {f.where}: {f.message}" for f in inspection.violations[:_VIOLATIONS_KEPT]],
+            "violation_count": len(inspection.violations),
+        }
 
 
+_VIOLATIONS_KEPT = 20  # in the stage metrics; placement.json has them all
 _REPORTS = (("layer_errors", "validate"), ("transforms", "quantize"), ("fallback", "quantize"))
 
 

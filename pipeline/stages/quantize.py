@@ -18,17 +18,18 @@ from ..quant.bf16 import emulate_bf16
 from ..quant.fallback import HeldOutFallback
 from ..quant.flow import QuantizeSettings, run_quantize_flow
 from ..quant.histogram import StatsCollector
+from ..quant.presets import choose_preset, model_family
 from ..recipe import Recipe
 from ..runner import RunContext, Stage
 
-__all__ = ["QuantizeStage", "holdout_batches"]
+__all__ = ["QuantizeStage", "holdout_batches", "resolve_settings"]
 
 
 class QuantizeStage(Stage):
     name = "quantize"
     sections = ("quantization", "calibration")
     after = ("prepare", "calibrate")
-    revision = 3  # 3: transforms as a registry (quantization.transforms)
+    revision = 4  # 4: presets by model family, weight ranges, steps after quantization (AdaRound)
     outputs = ("model.onnx", "ranges.json")
     optional_outputs = (
         "emulated.onnx",  # the model validate runs when it differs from model.onnx (BF16, BF16 fallback nodes)
@@ -57,15 +58,30 @@ class QuantizeStage(Stage):
         return _qdq(ctx, model, out, target, fmt)
 
 
+def resolve_settings(recipe: Recipe, model, target, fmt: Format) -> tuple[QuantizeSettings, dict]:
+    """The flow's settings: the recipe's, and its preset's where the recipe is silent
+    (`pipeline.quant.presets`); plus what was taken from where, for the stage record."""
+    q, calibration = recipe.quantization, recipe.calibration
+    preset = choose_preset(q.preset, model)
+    steps = [(s.name, s.settings) for s in q.transform_steps()]
+    method_given = "method" in calibration.model_fields_set
+    settings = QuantizeSettings(
+        target=target, fmt=fmt, method=calibration.method if method_given else (preset.activation_method or calibration.method),
+        percentile=calibration.percentile, exclude_nodes=tuple(q.exclude_nodes),
+        transforms=steps or [(name, dict(cfg)) for name, cfg in preset.transforms],
+        transform_samples=min(q.transform_samples, calibration.samples),
+        promoted_method=q.fallback.promoted_method,
+        weight_method=q.weight_method or preset.weight_method,
+    )
+    used = {"preset": preset.name, "family": model_family(model), "transforms": [n for n, _ in settings.transforms],
+            "activation_method": settings.method, "weight_method": settings.weight_method or "minmax"}
+    return settings, used
+
+
 def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
     recipe = ctx.recipe
     q = recipe.quantization
-    settings = QuantizeSettings(
-        target=target, fmt=fmt, method=recipe.calibration.method, percentile=recipe.calibration.percentile,
-        exclude_nodes=tuple(q.exclude_nodes), transforms=[(s.name, s.settings) for s in q.transform_steps()],
-        transform_samples=min(q.transform_samples, recipe.calibration.samples),
-        promoted_method=q.fallback.promoted_method,
-    )
+    settings, used = resolve_settings(recipe, model, target, fmt)
     fallback = None
     if q.fallback.enabled and recipe.gates:
         def fallback(transformed, quantize):
@@ -91,7 +107,7 @@ def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
         atomic_write(out / "transforms.json", dump_json(
             {"transforms": outcome.transforms.report, "stale": sorted(outcome.transforms.stale)}))
     atomic_write(out / "ranges.json", dump_json({"format": fmt.value, "tensors": outcome.ranges}))
-    return outcome.info
+    return {**outcome.info, "settings": used}
 
 
 def holdout_batches(recipe: Recipe, holdout: int) -> tuple[list[dict], str]:

@@ -43,7 +43,7 @@ __all__ = ["AdaRoundSettings", "adaround", "find_layers", "QuantLayer"]
 
 @dataclass(frozen=True)
 class AdaRoundSettings:
-    iterations: int = 200
+    iterations: int = 300
     samples: int = 64
     positions: int = 64
     rows_per_fan_in: int = 16
@@ -53,8 +53,7 @@ class AdaRoundSettings:
     learning_rate: float = 0.01
     regularization: float = 10.0
     warmup: float = 0.2
-    work_limit: float = 2e10
-    threads: int = 1
+    work_limit: float = 1e10
     ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
     seed: int = 0
     solve: SolveSettings = field(init=False)
@@ -75,29 +74,21 @@ def adaround(
     settings: AdaRoundSettings = AdaRoundSettings(),
 ) -> tuple[onnx.ModelProto, dict]:
     """(a copy of `qmodel` with learned rounding, the report); see the module docstring."""
-    import torch
-
     start = time.perf_counter()
     model = copy_model(qmodel)
     layers, skipped = find_layers(model, float_model, ops=settings.ops)
     shapes = {k: list(v) for k, v in static_shapes(float_model).items()}
     chunks = [list(c) for c in np.array_split(np.arange(len(layers)), max(1, min(settings.passes, len(layers)))) if len(c)]
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, settings.threads))
     rows, stream_seconds = [], 0.0
-    try:
-        for chunk in chunks:
-            part = [layers[i] for i in chunk]
-            t0 = time.perf_counter()
-            moments = collect_moments(model, float_model, part, batches(), samples=settings.samples,
-                                      positions=settings.positions, output_shapes=shapes, seed=settings.seed,
-                                      quantized_inputs=settings.quantized_inputs,
-                                      per_fan_in=settings.rows_per_fan_in)
-            stream_seconds += time.perf_counter() - t0
-            for layer in part:
-                rows.append(_round_layer(model, layer, moments.pop(layer.name), settings))
-    finally:
-        torch.set_num_threads(previous_threads)
+    for chunk in chunks:
+        part = [layers[i] for i in chunk]
+        t0 = time.perf_counter()
+        moments = collect_moments(model, float_model, part, batches(), samples=settings.samples,
+                                  positions=settings.positions, output_shapes=shapes, seed=settings.seed,
+                                  quantized_inputs=settings.quantized_inputs, per_fan_in=settings.rows_per_fan_in)
+        stream_seconds += time.perf_counter() - t0
+        for layer in part:
+            rows.append(_round_layer(model, layer, moments.pop(layer.name), settings))
     report = {
         "settings": {k: v for k, v in settings.__dict__.items() if k != "solve"},
         "layers": rows,

@@ -76,16 +76,11 @@ class LayerMoments:
         x = np.concatenate([b[0] for b in self._buffer], axis=1)
         t = np.concatenate([b[1] for b in self._buffer], axis=1)
         self._buffer.clear()
-        if x.shape[0] == 1:  # dense: one large product, torch's BLAS is the faster here
-            import torch
-
-            xt = torch.from_numpy(x[0].T.copy())
-            self.gram[0] += (xt @ torch.from_numpy(x[0])).numpy()
-            self.cross[0] += (xt @ torch.from_numpy(t[0])).numpy()
-        else:  # many small groups (depthwise): numpy's batched matmul
-            xt = np.swapaxes(x, 1, 2)
-            self.gram += np.matmul(xt, x)
-            self.cross += np.matmul(xt, t)
+        xt = np.swapaxes(x, 1, 2)
+        if x.shape[0] == 1:  # dense: one large BLAS product on a contiguous transpose
+            xt = np.ascontiguousarray(xt)
+        self.gram += np.matmul(xt, x)
+        self.cross += np.matmul(xt, t)
 
     def finish(self) -> None:
         self._flush()

@@ -107,13 +107,18 @@ def find_layers(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, *, ops=_O
         fnode = f_nodes[node.name]
         w = numpy_helper.to_array(f_inits[fnode.input[1]]).astype(np.float64)
         q = numpy_helper.to_array(inits[dq.input[0]])
+        zero = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else None
+        if q.dtype.kind not in "iu" or (zero is not None and np.any(zero.astype(np.int64) != 0)):
+            skipped.append({"node": node.name, "reason": f"weight stored as {q.dtype} with zero point {zero}: "
+                            "AdaRound rounds symmetric 8/16-bit integer weights"})
+            continue
         info = np.iinfo(q.dtype)
         bias = None
         if node.op_type != "MatMul" and len(fnode.input) > 2 and fnode.input[2] in f_inits:
             bias = numpy_helper.to_array(f_inits[fnode.input[2]]).astype(np.float64).reshape(-1)
         layer = QuantLayer(
             node, dq.input[0], numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64),
-            numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else np.zeros(1),
+            np.zeros(1),
             w, bias, node.input[0], fnode.output[0], fnode.input[0],
             # Symmetric formats keep -qmax..qmax (what onnxruntime writes for symmetric weights).
             -int(info.max) if info.min < 0 else int(info.min), int(info.max),
