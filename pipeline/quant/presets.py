@@ -6,8 +6,9 @@ transforms when `quantization.transforms` (and the legacy keys) name none, its a
 when `calibration.method` is not set, its weight range method when `quantization.weight_method` is not.
 
 - `cnn` (a graph with Conv layers and no attention): cross-layer equalization (ReLU6 kept, bounded by the
-  calibration statistics), AdaRound with bias correction after Q/DQ insertion, percentile activation
-  ranges, MSE weight ranges. Per-tensor int8 MobileNetV2 needs all of them (see the README's figures).
+  calibration statistics), for power-of-two formats (XINT8) power-of-two alignment of the activations,
+  AdaRound with bias correction after Q/DQ insertion, percentile activation ranges, MSE weight ranges.
+  Per-tensor int8 MobileNetV2 needs all of them (see the README's figures).
 - `none`: nothing added (transformers: SmoothQuant's alpha and the fallback are model-specific choices,
   see the MiniLM recipes).
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import onnx
 
-__all__ = ["Preset", "PRESETS", "model_family", "choose_preset"]
+__all__ = ["Preset", "PRESETS", "model_family", "choose_preset", "preset_steps"]
 
 
 @dataclass(frozen=True)
@@ -58,3 +59,13 @@ def choose_preset(name: str, model: onnx.ModelProto) -> Preset:
     if name == "auto":
         return PRESETS["cnn"] if model_family(model) == "cnn" else PRESETS["none"]
     return PRESETS[name]
+
+
+def preset_steps(preset: Preset, *, power_of_two: bool, method: str, percentile: float) -> list[tuple[str, dict]]:
+    """The preset's transforms for one format: with power-of-two scales, the activations are aligned to
+    the grid (with the range method the quantizer will use) right after equalization."""
+    steps = [(name, dict(cfg)) for name, cfg in preset.transforms]
+    if power_of_two and any(name == "cross_layer_equalization" for name, _ in steps):
+        at = next(i for i, (name, _) in enumerate(steps) if name == "cross_layer_equalization") + 1
+        steps.insert(at, ("pow2_alignment", {"method": method, "percentile": percentile}))
+    return steps

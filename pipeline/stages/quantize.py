@@ -18,7 +18,7 @@ from ..quant.bf16 import emulate_bf16
 from ..quant.fallback import HeldOutFallback
 from ..quant.flow import QuantizeSettings, run_quantize_flow
 from ..quant.histogram import StatsCollector
-from ..quant.presets import choose_preset, model_family
+from ..quant.presets import choose_preset, model_family, preset_steps
 from ..recipe import Recipe
 from ..runner import RunContext, Stage
 
@@ -65,10 +65,11 @@ def resolve_settings(recipe: Recipe, model, target, fmt: Format) -> tuple[Quanti
     preset = choose_preset(q.preset, model)
     steps = [(s.name, s.settings) for s in q.transform_steps()]
     method_given = "method" in calibration.model_fields_set
+    method = calibration.method if method_given else (preset.activation_method or calibration.method)
     settings = QuantizeSettings(
-        target=target, fmt=fmt, method=calibration.method if method_given else (preset.activation_method or calibration.method),
-        percentile=calibration.percentile, exclude_nodes=tuple(q.exclude_nodes),
-        transforms=steps or [(name, dict(cfg)) for name, cfg in preset.transforms],
+        target=target, fmt=fmt, method=method, percentile=calibration.percentile, exclude_nodes=tuple(q.exclude_nodes),
+        transforms=steps or preset_steps(preset, power_of_two=fmt.spec.power_of_two, method=method,
+                                         percentile=calibration.percentile),
         transform_samples=min(q.transform_samples, calibration.samples),
         promoted_method=q.fallback.promoted_method,
         weight_method=q.weight_method or preset.weight_method,

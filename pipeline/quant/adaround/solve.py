@@ -114,13 +114,13 @@ def solve_layer(
     for step in range(iterations):
         sig = 1.0 / (1.0 + np.exp(-v))
         h_raw = sig * span + f32(_GAMMA)
-        h = np.clip(h_raw, 0, 1) * free + fixed
-        d = base + s32 * h
+        h_free = np.clip(h_raw, 0, 1)
+        d = base + s32 * (h_free * free + fixed)
         grad_h = norm * (times_gram(d) - r32) * s32
         if step >= warm:
             progress = (step - warm) / max(iterations - warm, 1)
             beta = settings.beta[0] + (settings.beta[1] - settings.beta[0]) * progress
-            u = 2 * h - 1
+            u = 2 * h_free - 1
             grad_h -= f32(settings.regularization / count * beta * 2) * np.abs(u) ** f32(beta - 1) * np.sign(u)
         grad_v = grad_h * ((h_raw > 0) & (h_raw < 1)) * free * sig * (1 - sig) * span
         adam_m = b1 * adam_m + (1 - b1) * grad_v

@@ -1,8 +1,9 @@
 """Accuracy transforms of the float graph: the protocol and registry (`base.py`) and the builtin transforms
-(cross-layer equalization, bias absorption, SmoothQuant, bias correction; AdaRound after quantization),
+(cross-layer equalization, bias absorption, power-of-two alignment, SmoothQuant, bias correction; AdaRound
+after quantization),
 registered on import."""
 
-from . import absorb, adaround, bias_correction, equalize, smoothquant  # noqa: F401  (register the builtins)
+from . import absorb, adaround, align, bias_correction, equalize, smoothquant  # noqa: F401  (register the builtins)
 from .base import (
     QuantizedTransform, Transform, TransformContext, TransformResult, apply_transforms, downstream, make_transforms,
     register_transform, transform_registry,
