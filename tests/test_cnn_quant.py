@@ -238,3 +238,22 @@ def test_quantize_stage_applies_the_cnn_preset_where_the_recipe_is_silent(tiny_c
     off = load_recipe(tiny_cnn_recipe(quantization={"target": "xdna2", "format": "a8w8", "preset": "none"}))
     settings, _ = resolve_settings(off, model, target, Format.A8W8)
     assert not settings.transforms and settings.weight_method is None
+
+
+def test_pow2_alignment_puts_foldable_activations_on_the_power_of_two_grid():
+    from pipeline.quant.ranges import choose_range
+
+    model = _residual_block()
+    batches = _batches(16, (1, 3, 6, 6))
+    steps = [("cross_layer_equalization", {}), ("pow2_alignment", {"method": "minmax"})]
+    result = apply_transforms(model, make_transforms(steps), TransformContext(batches, 16))
+    applied = result.report["pow2_alignment"]["applied"]
+    assert {a["tensor"] for a in applied} <= {"re", "rd"} and applied
+    hist = collect_histograms(result.model, batches(), progress=False)
+    for entry in applied:
+        lo, hi, _ = choose_range(hist[entry["tensor"]], "minmax", bits=8, symmetric=True)
+        k = np.log2(hi / 127)
+        assert abs(k - round(k)) < 1e-4, (entry, hi)  # the range is 127 x a power of two
+    for batch in batches():
+        ref, got = _run(model, batch)[0], _run(result.model, batch)[0]
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6

@@ -50,13 +50,6 @@ class CrossLayerEqualizationConfig(TransformConfig):
     # bounded: a channel whose calibration maximum comes within a factor `clip_headroom` of the bound is
     # held (s = 1), and the others keep that factor below the moved bound: room for unseen data.
     clip_headroom: float = Field(1.0, ge=1.0)
-    # True: no channel of the equalized activation may grow past the tensor's largest channel, so its
-    # per-tensor activation range (and int8 step) stays what it was; False: the weights alone decide.
-    keep_activation_range: bool = False
-    # 0: the paper's weights-only scales. beta > 0 blends in the scale that gives every channel of the
-    # activation the same range: s = s_weights^(1 - beta) * s_activation^beta (SmoothQuant's idea for
-    # per-tensor int8 activations, which nothing else here protects).
-    activation_weight: float = Field(0.0, ge=0.0, le=1.0)
     check_samples: int = Field(8, ge=0)
 
 
@@ -87,12 +80,10 @@ class CrossLayerEqualization(Transform):
 
     def requests(self, graph: Editable) -> dict[str, tuple[int, int]]:
         wanted = {}
-        for tensor, plan in self.plans(graph).items():
+        for plan in self.plans(graph).values():
             if self.config.clip == "bounded":
                 for node, axis, _ in plan.clips:
                     wanted[node.output[0]] = (len(graph.shape(node.output[0])), axis)
-            if self.config.keep_activation_range or self.config.activation_weight > 0:
-                wanted[tensor] = (len(graph.shape(tensor)), weight_layer(graph, plan.consumers[0]).activation_axis)
         return wanted
 
     def apply(self, graph: Editable, stats: dict[str, ChannelStats], ctx: TransformContext) -> set[str]:
@@ -113,10 +104,8 @@ class CrossLayerEqualization(Transform):
     def equalize(self, graph: Editable, stats: dict[str, ChannelStats] | None = None) -> dict[str, np.ndarray]:
         """Equalize every foldable pair; returns {tensor between the pair: accumulated s} (X became X / s)."""
         plans = self.plans(graph, record=True)
-        bounds, act = {}, {}
+        bounds = {}
         for tensor, plan in list(plans.items()):
-            if self.config.activation_weight > 0 and stats and tensor in stats:
-                act[tensor] = stats[tensor].absmax
             try:
                 bounds[tensor] = self._bounds(graph, plan, stats or {})
             except NotFoldable as why:
@@ -137,11 +126,6 @@ class CrossLayerEqualization(Transform):
                 r1, r2 = self._ranges(layers, plan)
                 ok = (r1 > 0) & (r2 > 0)
                 s = np.clip(np.where(ok, np.sqrt(np.where(ok, r1, 1) / np.where(ok, r2, 1)), 1.0), *SCALE_LIMITS)
-                if tensor in act:
-                    now = act[tensor] / total[tensor]  # the activation's channel ranges as they are now
-                    s_act = np.where(now > 0, now / max(now.max(), 1e-30), 1.0)
-                    beta = self.config.activation_weight
-                    s = np.clip(s ** (1 - beta) * np.maximum(s_act, SCALE_LIMITS[0]) ** beta, *SCALE_LIMITS)
                 lo, hi = bounds[tensor]
                 s = np.clip(total[tensor] * s, lo, hi) / total[tensor]
                 for node in plan.consumers:
@@ -173,12 +157,6 @@ class CrossLayerEqualization(Transform):
     def _bounds(self, graph: Editable, plan: FoldPlan, stats: dict[str, ChannelStats]) -> tuple[np.ndarray, np.ndarray]:
         """Per consumer channel, the range the accumulated scale may take (see the module docstring)."""
         lo, hi = np.full(plan.channels, SCALE_LIMITS[0]), np.full(plan.channels, SCALE_LIMITS[1])
-        if self.config.keep_activation_range:
-            found = stats.get(plan.tensor)
-            if found is None:
-                raise NotFoldable(f"no calibration statistics of '{plan.tensor}'")
-            if found.absmax.max() > 0:
-                lo = np.maximum(lo, found.absmax / found.absmax.max())
         if self.config.clip != "bounded":
             if self.config.clip == "as_relu" and any(clip_bounds(graph, n)[0] != 0 for n, _, _ in plan.clips):
                 raise NotFoldable("a Clip on the path does not start at 0 (as_relu turns only ReLU6-like Clips into Relu)")
