@@ -10,6 +10,12 @@ centred on 0: its symmetric range halves, and its int8 step with it (6 dB of SQN
 becomes Clip(z - c, -c) (one op for one op). DFQ's own variant takes out each channel's minimum, which a
 scalar Clip bound cannot follow per channel; the centre does the work here.
 
+The consumer's bias takes W_q c, with W_q the weight the quantizer will actually write (read back from
+`ctx.quantize`, as bias correction does): the float function changes by (W_q - W) c, and the quantized
+model computes exactly what it did before. With W c instead, each output would carry a constant error of
+(W_q - W) c, summed over hundreds of inputs: MobileNetV2's logit SQNR falls to 1 dB until a bias
+correction (AdaRound's) undoes it.
+
 Where it applies (else skipped with the reason): a weight layer with a bias slot (Conv, Gemm) -> Relu or
 Clip(0 <= ... ) -> pooling/reshapes that commute with adding a constant (GlobalAveragePool, MaxPool,
 Flatten, Reshape, Squeeze, Unsqueeze, Identity) -> weight layers that read it without zero padding
@@ -25,7 +31,8 @@ from pydantic import Field
 
 from ...core.editable import Editable
 from ..statistics import ChannelStats
-from .base import Transform, TransformConfig, TransformContext, register_transform
+from .base import Transform, TransformConfig, TransformContext, downstream, register_transform
+from .bias_correction import dequantized_weights
 from .fold import NotFoldable, clip_bounds
 from .layers import weight_layer
 
@@ -66,7 +73,9 @@ class BiasAbsorption(Transform):
 
     def apply(self, graph: Editable, stats: dict[str, ChannelStats], ctx: TransformContext) -> set[str]:
         stale: set[str] = set()
-        for site in self.sites(graph, record=True):
+        sites = self.sites(graph, record=True)
+        quantized = dequantized_weights(ctx.quantize(graph.model)) if sites and ctx.quantize is not None else {}
+        for site in sites:
             out = site.activation.output[0]
             found = stats.get(out)
             if found is None or found.max is None:
@@ -85,9 +94,12 @@ class BiasAbsorption(Transform):
             for node in site.consumers:
                 consumer = weight_layer(graph, node)
                 own = consumer.bias(graph)
-                add = consumer.response(np.full(consumer.n_in, c))
+                wq = quantized.get(node.name)
+                usable = wq is not None and wq.shape == consumer.weight.shape
+                add = consumer.response(np.full(consumer.n_in, c), wq.astype(np.float64) if usable else None)
                 consumer.set_bias(graph, (np.zeros(consumer.n_out) if own is None else own) + add, "absorb")
             stale.update([site.site.output[0], out, *site.path])
+            stale |= downstream(graph.model, [n.name for n in site.consumers])  # they moved by (W_q - W) c
             self.applied.append({
                 "activation": site.activation.name,
                 "producer": site.site.name,
