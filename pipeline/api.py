@@ -6,11 +6,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ReadinessError
 from .gates import GateResult, raise_for_failures
 from .recipe import Recipe
 from .runner import Runner, Stage, StageOutcome
 
-__all__ = ["STAGES", "RunResult", "stage_by_name", "run_recipe", "run_stage"]
+__all__ = ["STAGES", "RunResult", "stage_by_name", "run_recipe", "run_stage", "raise_for_readiness"]
 
 
 # Stage name -> "module:class"; imported on use so that one stage's heavy imports never slow another.
@@ -61,6 +62,23 @@ class RunResult:
     def gates(self) -> list[GateResult]:
         return [GateResult(**g) for g in self._record("package")["gates"]]
 
+    @property
+    def violations(self) -> list[str]:
+        """The hard NPU rules the artifact breaks (the first ones; placement.json lists all)."""
+        return list(self._record("package").get("violations", []))
+
+
+def raise_for_readiness(result: RunResult) -> None:
+    """ReadinessError (exit 5) when the artifact the run packaged breaks a hard rule of its target."""
+    record = result._record("package")
+    if record.get("ready", True):
+        return
+    count = record.get("violation_count", len(result.violations))
+    first = result.violations[0] if result.violations else "see placement.json"
+    more = f" (and {count - 1} more; {result.artifact / 'placement.json'} lists them)" if count > 1 else ""
+    raise ReadinessError(f"{result.recipe.name}: the artifact breaks a hard rule of its target: {first}{more} "
+                         f"(report: {result.artifact / 'report.md'})")
+
 
 def run_recipe(
     recipe: Recipe,
@@ -72,12 +90,14 @@ def run_recipe(
     check_gates: bool = True,
     sign_key: Path | None = None,
 ) -> RunResult:
-    """Run every stage; raises `GateError` after the artifact and its report are written if a gate fails.
+    """Run every stage. With `check_gates`, after the artifact and its report are written: `ReadinessError`
+    if the artifact breaks a hard rule of its target, else `GateError` if an accuracy gate failed.
     `sign_key`: a PEM Ed25519 private key that signs the bundle's manifest (manifest.sig)."""
     run_dir = recipe.output_dir(out)
     outcomes = Runner(recipe, run_dir, force=force, progress=progress, on_stage=on_stage).run(_stages(sign_key))
     result = RunResult(recipe, run_dir, outcomes)
     if check_gates:
+        raise_for_readiness(result)
         raise_for_failures(recipe.name, result.gates, str(result.artifact / "report.md"))
     return result
 

@@ -176,9 +176,19 @@ def verify_bundle(bundle: Path, *, key: Path | None = None) -> VerifyResult:
                                 "the bundle was changed or signed by another key")
     if problems:
         raise ArtifactError(f"{bundle}: {'; '.join(problems)} ({_REPACKAGE})")
-    inspection = inspect_model(bundle / "model.onnx", manifest["target"], manifest["format"])
+    inspection = inspect_model(bundle / "model.onnx", manifest["target"], manifest["format"],
+                               unbatched=_unbatched_inputs(manifest))
     inspection.raise_for_violations()
     return VerifyResult(len(manifest["files"]), inspection, signature)
+
+
+def _unbatched_inputs(manifest: dict) -> list[str]:
+    """The recipe's inputs without a batch axis (`batch: false`, constants, recurrent states), as the
+    package stage told the batch-one rule; a manifest without a readable recipe has none."""
+    recipe = manifest.get("recipe")
+    inputs = recipe.get("inputs") if isinstance(recipe, dict) else None
+    return [i["name"] for i in inputs or () if isinstance(i, dict) and isinstance(i.get("name"), str)
+            and (i.get("batch") is False or i.get("from_output") is not None or i.get("value") is not None)]
 
 
 def read_inputs(path: Path, signature: list[dict]) -> dict[str, np.ndarray]:

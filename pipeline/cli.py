@@ -59,7 +59,7 @@ def run(
     sign_key: Optional[Path] = SignKeyOption,
 ) -> None:
     """Run every stage of RECIPE: export, prepare, calibrate, quantize, validate, package."""
-    from .api import run_recipe
+    from .api import raise_for_readiness, run_recipe
     from .gates import raise_for_failures
     from .recipe import load_recipe
     from .report import OUTPUT_HEADER, accuracy_header, accuracy_rows, format_table, output_rows
@@ -76,6 +76,7 @@ def run(
     for gate in result.gates:
         typer.echo(f"gate {'pass' if gate.passed else 'FAIL'}: {gate.describe()}")
     typer.echo(f"\nartifact: {result.artifact}\nreport:   {result.artifact / 'report.md'}")
+    raise_for_readiness(result)
     raise_for_failures(spec.name, result.gates, str(result.artifact / "report.md"))
 
 

@@ -1,7 +1,7 @@
 """MobileNetV2 study: how far each quantized model is from the float one, and where the error comes from.
 
     .venv/bin/python scripts/mobilenet_study.py RUN_OR_RECIPE... [--out-root build] [--reference]
-        [--weight-ranges] [--json study.json]
+        [--weight-ranges] [--variants none,cle,...|all] [--json study.json]
 
 Each argument is a finished run folder (`build/<name>/`, as `npu-pipeline run` writes it) or a recipe
 YAML, which is run first (cached) into `--out-root/<name>`. For each run it runs the float model
@@ -14,6 +14,9 @@ the crops the float model is sure of (top-1 probability > 0.5) and on all crops;
 bfloat16 rounding at every op (`pipeline.bf16.emulate_bf16`, what the BF16 recipe validates).
 It also adds the float model with int8 weights (per tensor, as A8W8/A16W8 quantize them, and per
 channel) and float activations: which of weights and activations costs the accuracy.
+--variants runs each recipe again (export..quantize only, into `--out-root/<name>+<variant>`) with one
+accuracy technique switched on alone over a bare baseline, and with the shipped defaults minus one, so each
+technique's gain and its quantize-stage seconds can be read off one table (`VARIANTS` below).
 --weight-ranges prints, for every Conv/Gemm, max|W| over the tensor divided by the median per-output-
 channel max|W| (how much of the per-tensor int8 grid the typical channel gets), the median over output
 channels of each channel's SQNR when the tensor is quantized per tensor to int8, and the share of
@@ -33,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.onnx_utils import load_onnx, make_session  # noqa: E402
+from pipeline.core.onnx_io import load_onnx, make_session  # noqa: E402
 from pipeline.report import format_table  # noqa: E402
 
 CONFIDENT = 0.5  # float top-1 probability above which a crop counts as one the float model is sure of
@@ -75,7 +78,10 @@ def stage_seconds(run: Path) -> dict[str, float]:
     for stage in ("export", "prepare", "calibrate", "quantize", "validate", "artifact"):
         record = run / stage / "stage.json"
         if record.is_file():
-            times[stage] = round(float(json.loads(record.read_text())["seconds"]), 2)
+            data = json.loads(record.read_text())
+            times[stage] = round(float(data["seconds"]), 2)
+            for step, seconds in data.get("metrics", {}).get("seconds", {}).items():  # the quantize steps
+                times[f"{stage}.{step}"] = seconds
     return times
 
 
@@ -83,7 +89,7 @@ def reference_models(float_model: Path) -> dict[str, bytes]:
     """Float with bf16-rounded weights only, and float with bf16 rounding at every op."""
     from onnx import numpy_helper
 
-    from pipeline.bf16 import emulate_bf16, round_to_bf16
+    from pipeline.quant.bf16 import emulate_bf16, round_to_bf16
 
     model = load_onnx(float_model)
     weights_only = load_onnx(float_model)
@@ -169,6 +175,55 @@ def skip_reasons(transforms: Path) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+# name -> (recipe overrides, what it measures). "none" is the bare baseline (no preset, no transform,
+# minmax activations, max|w| weights); the others switch one technique on over it, or one off the preset.
+_BARE = {"quantization": {"preset": "none", "weight_method": "minmax"}, "calibration": {"method": "minmax"}}
+VARIANTS = {
+    "none": (_BARE, "no technique: minmax activations, max|w| weights"),
+    "percentile": ({**_BARE, "calibration": {"method": "percentile"}}, "percentile activation ranges alone"),
+    "mse_weights": ({**_BARE, "quantization": {"preset": "none", "weight_method": "mse"}}, "MSE weight ranges alone"),
+    "cle": ({**_BARE, "quantization": {**_BARE["quantization"], "transforms": ["cross_layer_equalization"]}},
+            "cross-layer equalization alone"),
+    "bias_correction": ({**_BARE, "quantization": {**_BARE["quantization"], "transforms": ["bias_correction"]}},
+                        "bias correction alone (float transform, round-to-nearest weights)"),
+    "adaround": ({**_BARE, "quantization": {**_BARE["quantization"], "transforms": ["adaround"]}},
+                 "AdaRound alone (with its bias correction)"),
+    "adaround_no_bc": ({**_BARE, "quantization": {**_BARE["quantization"],
+                                                 "transforms": [{"adaround": {"bias_correction": False}}]}},
+                       "AdaRound alone, no bias correction"),
+    "preset": ({}, "the shipped recipe: every default of the CNN preset"),
+    "preset-cle": ({"quantization": {"transforms": ["adaround"]}}, "the preset without equalization"),
+    "preset-adaround": ({"quantization": {"transforms": ["cross_layer_equalization"]}}, "the preset without AdaRound"),
+    "preset+bias_absorption": ({"quantization": {"transforms": ["cross_layer_equalization", "bias_absorption",
+                                                                "adaround"]}}, "the preset with bias absorption"),
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run_variant(recipe_path: Path, variant: str, out_root: Path) -> Path:
+    """export..quantize of `recipe_path` with the variant's overrides, into out_root/<name>+<variant>."""
+    import yaml
+
+    from pipeline.api import stage_by_name
+    from pipeline.recipe import recipe_from_dict
+    from pipeline.runner import Runner
+
+    data = yaml.safe_load(recipe_path.read_text())
+    overrides, _ = VARIANTS[variant]
+    data = _merge(data, overrides)
+    data["name"] = f"{data['name']}+{variant}"
+    recipe = recipe_from_dict(data, source=f"{recipe_path}+{variant}", base_dir=recipe_path.resolve().parent)
+    run_dir = out_root / recipe.name
+    Runner(recipe, run_dir, progress=False).run([stage_by_name(s) for s in ("export", "prepare", "calibrate", "quantize")])
+    return run_dir
+
+
 def resolve_runs(items: list[str], out_root: Path) -> list[Path]:
     from pipeline.api import run_recipe
     from pipeline.errors import GateError
@@ -197,10 +252,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--weight-ranges", action="store_true")
     parser.add_argument("--samples", type=int, default=None, help="only the first N validation crops")
+    parser.add_argument("--variants", default="", help=f"comma-separated, or 'all': {', '.join(VARIANTS)}")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
     runs = resolve_runs(args.runs, args.out_root)
+    variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
+    for item in args.runs:
+        if Path(item).suffix in (".yaml", ".yml"):
+            for variant in variants:
+                runs.append(run_variant(Path(item), variant, args.out_root))
     float_model = runs[0] / "prepare" / "model.onnx"
     models: dict[str, bytes | Path] = {"float": float_model}
     npu = set()

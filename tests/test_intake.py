@@ -197,8 +197,12 @@ def test_dims_stored_as_minus_one_zero_or_a_name_are_dynamic(tiny_cnn_recipe):
     assert result.exit_code == 0, result.output
     export = json.loads((recipe.parent / "out/export/stage.json").read_text())["metrics"]
     assert export["nonpositive_dims_cleared"] == 7  # x: 2, logits: 1, value_info g: 1, c: 3
-    fixed = json.loads((recipe.parent / "out/prepare/stage.json").read_text())["metrics"]["fixed_dims"]
-    assert fixed == ["x: ? -> 1", "x: ? -> 8", "x: width -> 8"]
+    prepared = json.loads((recipe.parent / "out/prepare/stage.json").read_text())["metrics"]
+    assert prepared["fixed_dims"] == ["x: ? -> 1", "x: ? -> 8", "x: width -> 8"]
+    # Its nodes are unnamed: prepare names them (the transforms and exclude_nodes address nodes by name).
+    assert prepared["nodes_named"] >= 3
+    names = [n.name for n in onnx.load(str(recipe.parent / "out/prepare/model.onnx")).graph.node]
+    assert all(names) and len(set(names)) == len(names)
 
 
 def test_onnx_with_external_data(tiny_cnn_recipe):

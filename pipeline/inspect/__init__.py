@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,9 +199,13 @@ def _load(model: onnx.ModelProto | Path | str) -> tuple[onnx.ModelProto, str, st
 
 
 def inspect_model(
-    model: onnx.ModelProto | Path | str, target: Target | str, fmt: Format | str | None = None
+    model: onnx.ModelProto | Path | str, target: Target | str, fmt: Format | str | None = None,
+    unbatched: Collection[str] = (),
 ) -> Inspection:
     """Check `model` against `target`'s hard rules and predict where each node runs.
+
+    `unbatched`: inputs whose dim 0 is not a batch axis (a recipe's `batch: false`, constant and recurrent
+    state inputs: an LSTM state's [layers, batch, hidden]); the batch-one rule skips them.
 
     `fmt` None: the format is detected from the Q/DQ types (a float model is predicted in the target's
     default format). A `fmt` the target does not take raises TargetError; a file that is not a readable
@@ -231,7 +236,7 @@ def inspect_model(
                                   f"{', '.join(f.value for f in target.formats)}; requantize with a recipe whose "
                                   f"quantization.format is one of them"))
 
-    check_graph(g, target, opset, violations, warnings)
+    check_graph(g, target, opset, violations, warnings, unbatched=frozenset(unbatched))
     if quantized:
         check_qdq(g, qdq, fmt, violations, warnings, target=target)
     placed = predict_placement(g, target, fmt, quantized=quantized)

@@ -8,7 +8,9 @@ Steps, in order, each optional but the last:
 3. int8 ranges of MAC inputs by the reading layer's output error (`output_ranges`), when asked;
 4. the accuracy-aware fallback (`fallback`) chooses which tensors go to 16 bits and which nodes to A16W8,
    BF16 or the CPU, scored on held-out data by the caller's `fallback` function;
-5. Q/DQ insertion (`qdq.quantize_qdq`) with the chosen configuration.
+5. Q/DQ insertion (`qdq.quantize_qdq`) with the chosen configuration;
+6. the steps that work on the QDQ model (`QuantizedTransform`: AdaRound), in their recipe order. The
+   fallback's candidates are scored without them (rounding is learned once, on the final model).
 A 16-bit value never costs an int8 MAC: MatMul/Gemm/Conv readers get an int8 copy (`requant`) unless the
 configuration (or a transform, e.g. the outlier split's side MatMuls) names them 16-bit readers.
 Done here, not in calibrate, so calibrate's statistics stay those of the prepared model and quantize can be
@@ -18,6 +20,7 @@ rerun with other settings without running the model again.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +54,7 @@ class QuantizeSettings:
     free_16bit: bool = False  # every value a non-MAC op reads at 16 bits (MAC readers: int8 copies)
     output_error_ranges: bool = False
     output_error_samples: int = 8
+    weight_method: str | None = None  # `pipeline.quant.weight_ranges`; None: the quantizer's own
 
 
 @dataclass
@@ -78,22 +82,28 @@ def run_quantize_flow(
 ) -> QuantizeOutcome:
     """Run the flow (see the module docstring). `calibration(limit)` opens the calibration data (all of
     it for None); `fallback(float model, quantize, guard)` runs the search and returns its result."""
-    common = dict(target=settings.target, fmt=settings.fmt, method=settings.method, percentile=settings.percentile)
+    common = dict(target=settings.target, fmt=settings.fmt, method=settings.method, percentile=settings.percentile,
+                  weight_method=settings.weight_method)
     transformed, transform_result = model, None
-    if settings.transforms:
-        steps = make_transforms(settings.transforms)
-        samples = settings.transform_samples
-        ctx = TransformContext(
-            batches=lambda: calibration(samples),
-            samples=samples,
-            # Bias correction reads the weights the quantizer makes; they depend on the weights only.
-            quantize=lambda m: quantize_qdq(m, _WithPlaceholders(histograms, m), **common,
-                                            exclude_nodes=settings.exclude_nodes)[0],
-        )
+    steps = make_transforms(settings.transforms) if settings.transforms else []
+    samples = settings.transform_samples
+    ctx = TransformContext(
+        batches=lambda: calibration(samples),
+        samples=samples,
+        # Bias correction reads the weights the quantizer makes; they depend on the weights only.
+        quantize=lambda m: quantize_qdq(m, _WithPlaceholders(histograms, m), **common,
+                                        exclude_nodes=settings.exclude_nodes)[0],
+    )
+    seconds: dict[str, float] = {}
+    if steps:
+        start = time.perf_counter()
         transform_result = apply_transforms(model, steps, ctx)
+        seconds["float_transforms"] = time.perf_counter() - start
         transformed = transform_result.model
         if transform_result.stale:
+            start = time.perf_counter()
             histograms = collect_histograms(transformed, calibration(None), progress=progress)
+            seconds["recollect_statistics"] = time.perf_counter() - start
 
     guard = find_mixed_ranges(transformed, histograms, settings.guard, target=settings.target, fmt=settings.fmt,
                               batches=calibration)
@@ -118,9 +128,17 @@ def run_quantize_flow(
     if fallback is not None:
         searched = fallback(transformed, quantize, guard)
         config = searched.config
+    start = time.perf_counter()
     quantized, ranges, info = quantize(config)
-    outcome = QuantizeOutcome(quantized, ranges, info, config, fallback=searched, guard=guard)
+    seconds["qdq"] = time.perf_counter() - start
+    for step in (s for s in steps if s.after_quantization):
+        start = time.perf_counter()
+        quantized = step.apply_quantized(quantized, transformed, ctx)
+        seconds[step.name] = time.perf_counter() - start
+        transform_result.report[step.name] = step.report()
+    info["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     info["range_guard"] = guard.to_json()
+    outcome = QuantizeOutcome(quantized, ranges, info, config, fallback=searched, guard=guard)
     if config.bf16:
         outcome.emulated = npu_numerics(quantized, config)
     if transform_result is not None:

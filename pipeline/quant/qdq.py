@@ -6,13 +6,29 @@ What is decided here is what to quantize and with which range:
 - the attention-mask path (float tensors computed from integer inputs) stays float (`pipeline.core.masks`);
 - ranges: the recipe's range method per tensor; Softmax inputs that carry an additive mask get a mask-aware
   range (the masked spike is ignored, and the range is wide enough that clipped masked scores still vanish);
-- power-of-two formats (XINT8): scales chosen by minimising quantization MSE, activations and weights alike;
+- power-of-two formats (XINT8): an activation gets the smallest power of two that clips no more than its
+  range method does (`pow2_covering`; measured on MobileNetV2, rounding the scale down instead, as a
+  power-of-two MSE does, clips the residual stream's outliers and costs the confident crops' top-1: 81% vs
+  97%); `transforms.align` moves foldable tensors onto the grid beforehand. Weights (MSE over powers of
+  two unless `weight_method` says otherwise) and every other constant the quantizer turns into Q/DQ (a Mul/Div/Add operand, a LayerNormalization
+  scale: `_constant_pow2_overrides`) too, zero point 0; the int32 biases onnxruntime derives (Conv,
+  ConvTranspose, Gemm, LayerNormalization's beta: scale = input scale x weight scale) are then powers of
+  two as well, being products of powers of two;
+- fused activations: a tensor read only by a Relu or Clip (Conv -> Relu) gets the activation's output
+  range and scale (`fused_activation_inputs`). The NPU runs Conv+Relu as one kernel that requantizes
+  once, to the output's scale. onnxruntime shares the two by itself, except where a tensor override
+  (XINT8's power-of-two scales, 16-bit promotions) is given: there each got its own, and the
+  pre-activation pair spent int8 levels on values the activation discards (MobileNetV2 XINT8: a 0.125
+  step before each ReLU6 whose output has 0.0625);
+- weights: `weight_method` (`pipeline.quant.weight_ranges`: minmax, mse) chooses each weight's scale from
+  its exact values; None keeps onnxruntime's max|w| (and XINT8's power-of-two MSE);
 - the format row (`pipeline.core.formats`) gives bit widths, storage types, symmetry and granularity;
   `promote` lifts chosen activations to 16 bits (the accuracy-aware fallback).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable, Mapping
 
 import numpy as np
@@ -26,8 +42,18 @@ from .histogram import StatsCollector, TensorStats
 from .ranges import choose_range
 from .ranges.methods import pow2_scale_mse
 from .requant import plan_bits
+from .weight_ranges import weight_scale
 
-__all__ = ["quantize_qdq", "pow2_override"]
+__all__ = ["quantize_qdq", "pow2_override", "pow2_covering", "fused_activation_inputs"]
+
+
+_POW2_TOLERANCE = 1.035  # a range this much above a power of two still takes that power (a 0.3 dB clip)
+
+
+def pow2_covering(scale: float) -> float:
+    """The smallest power of two >= scale / `_POW2_TOLERANCE` (scale > 0)."""
+    k = math.ceil(math.log2(scale / _POW2_TOLERANCE))
+    return math.ldexp(1.0, k)
 
 
 def pow2_override(scale: float) -> dict:
@@ -35,11 +61,13 @@ def pow2_override(scale: float) -> dict:
     return {"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}
 
 
-def _weight_pow2_overrides(model: onnx.ModelProto, quantized_ops: set[str], bits: int) -> dict:
-    """Power-of-two scale for every weight initializer of a quantized Conv/Gemm/MatMul (XINT8)."""
+def _weight_overrides(model: onnx.ModelProto, quantized_ops: set[str], bits: int, pow2: bool,
+                      method: str | None) -> dict:
+    """A scale for every weight initializer of a quantized Conv/ConvTranspose/Gemm/MatMul: by `method`
+    (`weight_ranges`), or for XINT8 without one, the power-of-two scale of lowest MSE on its histogram."""
     from onnx import numpy_helper
 
-    weights = {i.name: i for i in model.graph.initializer}
+    weights = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     overrides = {}
     for node in model.graph.node:
         if node.op_type not in MAC_OPS or node.op_type not in quantized_ops:
@@ -47,8 +75,36 @@ def _weight_pow2_overrides(model: onnx.ModelProto, quantized_ops: set[str], bits
         for name in node.input[:2]:
             if name in weights and name not in overrides:
                 values = numpy_helper.to_array(weights[name]).astype(np.float32).ravel()
-                scale = pow2_scale_mse(TensorStats.from_array(values), num_bits=bits)
+                if method is not None:
+                    scale = weight_scale(values, method, bits=bits, power_of_two=pow2)
+                else:
+                    scale = pow2_scale_mse(TensorStats.from_array(values), num_bits=bits)
                 overrides[name] = [pow2_override(scale)]
+    return overrides
+
+
+# Inputs onnxruntime quantizes as an int32 bias with scale = input scale x weight scale (not overridden).
+_BIAS_SLOTS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2, "LayerNormalization": 2, "InstanceNormalization": 2}
+
+
+def _constant_pow2_overrides(model: onnx.ModelProto, quantized_ops: set[str], bits: int, method: str | None,
+                             exclude: set[str], taken: set[str]) -> dict:
+    """XINT8: a power-of-two scale (zero point 0) for every float constant input of a quantized node that is
+    not a MAC weight (those have theirs) or a derived bias, by `method` (default mse) on its exact values."""
+    from onnx import numpy_helper
+
+    consts = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    overrides = {}
+    for node in model.graph.node:
+        if node.op_type not in quantized_ops or node.name in exclude:
+            continue
+        for slot, name in enumerate(node.input):
+            if name not in consts or name in taken or name in overrides or slot == _BIAS_SLOTS.get(node.op_type):
+                continue
+            if node.op_type in MAC_OPS and slot == 1:
+                continue
+            values = numpy_helper.to_array(consts[name]).astype(np.float32).ravel()
+            overrides[name] = [pow2_override(weight_scale(values, method or "mse", bits=bits, power_of_two=True))]
     return overrides
 
 
@@ -121,6 +177,34 @@ def _int8_copy(stats: TensorStats, readers, lo_hi, spec, method: str, percentile
     return conv
 
 
+def fused_activation_inputs(model: onnx.ModelProto) -> dict[str, str]:
+    """{tensor: the Relu/Clip output it feeds}, for node outputs read only by a Relu, or by a Clip with
+    constant bounds and a lower bound <= 0: their Q/DQ take the activation's output range (whatever the
+    pair saturates, the activation clips anyway)."""
+    from onnx import numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    produced = {o for n in model.graph.node for o in n.output}
+    outputs = {o.name for o in model.graph.output}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Relu", "Clip") or not node.input or node.input[0] not in produced:
+            continue
+        source = node.input[0]
+        if readers.get(source) != 1 or source in outputs:
+            continue
+        bounds = [n for n in node.input[1:3] if n]
+        if node.op_type == "Clip" and (any(n not in consts or consts[n].size != 1 for n in bounds)
+                                       or (len(node.input) > 1 and node.input[1] and float(consts[node.input[1]].ravel()[0]) > 0)):
+            continue
+        found[source] = node.output[0]
+    return found
+
+
 def _masked_softmax_range(scores: TensorStats, method: str, percentile: float, bits: int):
     """Range for a Softmax input that carries an additive mask (Add(scores, mask) -> Softmax).
 
@@ -146,6 +230,7 @@ def quantize_qdq(
     promote_method: str | None = None,
     wide_nodes: Collection[str] | None = None,
     int8_ranges: Mapping[str, tuple[float, float]] | None = None,
+    weight_method: str | None = None,
 ):
     """QDQ-quantize `model` with ranges from `collector`; returns (model, ranges by tensor, info).
 
@@ -159,6 +244,7 @@ def quantize_qdq(
     `int8_ranges` overrides the (lo, hi) of a tensor's int8 quantization (its int8 copy's, or its own when
     only MAC nodes read it: a clip chosen for them must not clip a residual Add reading the same int8
     value), e.g. ranges chosen by the reading layer's output error (`pipeline.quant.output_ranges`).
+    `weight_method`: how weight scales are chosen (module docstring).
     """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
@@ -205,7 +291,7 @@ def quantize_qdq(
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise StageError(f"quantize: range of '{name}' is not finite ({lo}, {hi})")
         if spec.power_of_two and bits == 8:
-            scale = pow2_scale_mse(stats, num_bits=8)
+            scale = pow2_covering(max(abs(lo), abs(hi), 1e-8) / 127)
             overrides[name] = [pow2_override(scale)]
             lo, hi = -128 * scale, 127 * scale
         elif bits != spec.activation_bits:
@@ -218,8 +304,22 @@ def quantize_qdq(
             methods[name]["int8_copy"] = {k: v for k, v in conv.items() if k in ("lo", "hi", "method")}
             for key in ("lo", "hi", "method"):
                 conv.pop(key)
+    for source, out in fused_activation_inputs(model).items():
+        if (source in methods and out in methods and methods[source]["bits"] == methods[out]["bits"]
+                and "int8_copy" not in methods[source]):
+            ranges[source] = ranges[out]
+            methods[source] = {**methods[out], "method": f"fused:{methods[out]['method']}"}
+            if out in overrides:
+                overrides[source] = overrides[out]
+            else:
+                overrides.pop(source, None)
+    if weight_method is not None and (spec.per_channel_weights or spec.weight_bits != 8):
+        weight_method = None  # per-channel (U8S8) and 4-bit weights keep onnxruntime's own scales
+    if spec.power_of_two or weight_method is not None:
+        overrides.update(_weight_overrides(model, set(op_types), spec.weight_bits, spec.power_of_two, weight_method))
     if spec.power_of_two:
-        overrides.update(_weight_pow2_overrides(model, set(op_types), spec.weight_bits))
+        overrides.update(_constant_pow2_overrides(model, set(op_types), spec.weight_bits, weight_method, set(exclude),
+                                                  set(overrides)))
     for name in _promoted_constants(model, {t for t, b in promote.items() if b == 16}):
         overrides[name] = [{"quant_type": QuantType.QInt16}]
     extra = {

@@ -10,8 +10,8 @@ with Percentile). Reducers:
   `SAMPLE_SIZE` values (a prime stride, so every channel is sampled evenly) feeding a fixed-size histogram
   (`pipeline.quant.histogram.TensorStats`). Outputs of Reshape/Transpose/... chains hold the values of their
   source, rearranged: the source is measured once and the others get a copy.
-- `channels`: per tensor and channel axis, max |x| and the mean of x per channel (SmoothQuant, bias
-  correction), reduced over every other axis.
+- `channels`: per tensor and channel axis, the min, max, max |x| and mean of x per channel (SmoothQuant,
+  equalization's Clip bounds, bias absorption and correction), reduced over every other axis.
 
 Use: `service = StatisticsService(model); service.request_histograms(names); service.request_channels(...)`,
 then `result = service.collect(batches)`.
@@ -44,15 +44,18 @@ _UPDATE_EVERY = 8
 
 @dataclass
 class ChannelStats:
-    """Per-channel max |x| and mean of one tensor, over `samples` samples."""
+    """Per-channel max |x|, mean, min and max of one tensor, over `samples` samples."""
 
     absmax: np.ndarray
     mean: np.ndarray
     samples: int
+    min: np.ndarray | None = None
+    max: np.ndarray | None = None
 
     def rescaled(self, s: np.ndarray) -> "ChannelStats":
-        """The statistics of x / s (per channel), as after a fold: no second pass over the data."""
-        return ChannelStats(self.absmax / s, self.mean / s, self.samples)
+        """The statistics of x / s (per channel, s > 0), as after a fold: no second pass over the data."""
+        scale = lambda v: None if v is None else v / s  # noqa: E731
+        return ChannelStats(self.absmax / s, self.mean / s, self.samples, scale(self.min), scale(self.max))
 
 
 @dataclass
@@ -169,15 +172,15 @@ def _add_histogram_taps(ins: _Instrumented, tensors: Mapping[str, list[int]]) ->
 
 
 def _add_channel_taps(ins: _Instrumented, tensors: Mapping[str, tuple[int, int]]) -> None:
-    """Per (tensor, (rank, channel axis)) two outputs: max |x| and mean per channel."""
+    """Per (tensor, (rank, channel axis)) three outputs: max, min and mean per channel."""
     for index, (name, (rank, axis)) in enumerate(tensors.items()):
         axes = [a for a in range(rank) if a != axis % rank]
         tag = f"_chan{index}"
-        ins.graph.node.append(helper.make_node("Abs", [name], [f"{tag}_abs"]))
-        ins.reduce("ReduceMax", f"{tag}_abs", f"{tag}_absmax", axes, f"{tag}_max")
+        ins.reduce("ReduceMax", name, f"{tag}_max", axes, f"{tag}_maxaxes")
+        ins.reduce("ReduceMin", name, f"{tag}_min", axes, f"{tag}_minaxes")
         ins.reduce("ReduceMean", name, f"{tag}_mean", axes, f"{tag}_mean")
-        ins.output(f"{tag}_absmax")
-        ins.output(f"{tag}_mean")
+        for out in ("max", "min", "mean"):
+            ins.output(f"{tag}_{out}")
 
 
 def instrument_histograms(model: onnx.ModelProto, tensors: Mapping[str, list[int]]) -> onnx.ModelProto:
@@ -227,7 +230,8 @@ class StatisticsService:
         session = make_session(ins.finish().SerializeToString(), optimize=self.optimize)
         names = list(measured)
         h_count = 3 * len(names)
-        absmax: dict[str, np.ndarray] = {}
+        highs: dict[str, np.ndarray] = {}
+        lows: dict[str, np.ndarray] = {}
         sums: dict[str, np.ndarray] = {}
         pending: list[list] = []
         bar = tqdm(batches, total=total, desc=desc, unit="sample", disable=not progress, leave=False)
@@ -242,9 +246,9 @@ class StatisticsService:
                 if len(pending) == _UPDATE_EVERY:
                     _flush(result.histograms, names, pending)
             for i, name in enumerate(channels):
-                a = results[h_count + 2 * i].astype(np.float64)
-                m = results[h_count + 2 * i + 1].astype(np.float64)
-                absmax[name] = np.maximum(absmax[name], a) if name in absmax else a
+                hi, lo, m = (results[h_count + 3 * i + k].astype(np.float64) for k in range(3))
+                highs[name] = np.maximum(highs[name], hi) if name in highs else hi
+                lows[name] = np.minimum(lows[name], lo) if name in lows else lo
                 sums[name] = sums[name] + m if name in sums else m
             seen += 1
         if names:
@@ -252,7 +256,9 @@ class StatisticsService:
             for alias, source in aliases.items():
                 result.histograms.alias(alias, source)
         if seen:
-            result.channels = {n: ChannelStats(absmax[n], sums[n] / seen, seen) for n in channels}
+            result.channels = {
+                n: ChannelStats(np.maximum(highs[n], -lows[n]), sums[n] / seen, seen, lows[n], highs[n]) for n in channels
+            }
         result.samples = seen
         return result
 

@@ -14,6 +14,10 @@
     report.md             what a person reads: accuracy, gates, placement, per-stage time
     report.html           the same and the plots (per-layer SQNR, fallback curve, histograms); offline
 
+The artifact is checked against its target's hard rules (`inspect_model`, with the recipe's format); the
+verdict is in placement.json and the report, and the stage's metrics carry it (`ready`, `violations`), so
+that `run` exits 5 (ReadinessError) after the bundle is written when the pipeline's own model breaks one.
+
 Everything but `report.md` is deterministic (no timestamps, sorted keys; report.html and the Ed25519
 signature included), so two clean runs give byte-identical files; `report.md` holds wall-clock stage times
 and is therefore not hashed. `verify` (pipeline.bundle) checks the exact file set against `files`.
@@ -78,7 +82,8 @@ class PackageStage(Stage):
     # 2: layer_errors/transforms/fallback JSON and report.html; 3: manifest_sha256, signing
     # 4: per-output metrics and gates, the dead-channel gate, range guard
     # 5: MAC shares by kind (int8 x int8 as audited)
-    revision = 5
+    # 6: readiness verdict in the stage metrics
+    revision = 6
     disposable = ("vitisai_cache",)  # the VitisAI EP's compile cache, made by `infer` on an NPU
 
     def __init__(self, sign_key: Path | None = None) -> None:
@@ -100,7 +105,7 @@ class PackageStage(Stage):
             atomic_write(out / "vitisai_config.json", dump_json(config))
         atomic_write(out / "vitisai_ep.json", dump_json(options))
         model = load_onnx(out / "model.onnx", where="quantized model")
-        inspection = inspect_model(model, target, fmt)
+        inspection = inspect_model(model, target, fmt, unbatched=[i.name for i in recipe.inputs if not i.has_batch])
         write_json(inspection, out / "placement.json")
         metrics = json.loads(ctx.require("validate", "metrics.json").read_text())
         gates = evaluate_gates(list(recipe.gates), metrics, validation=recipe.validation,
@@ -119,6 +124,8 @@ class PackageStage(Stage):
                 "format": fmt.value,
                 "transforms": [step.model_dump(mode="json") for step in recipe.quantization.transform_steps()],
                 "calibration_method": recipe.calibration.method,
+                # What the quantize stage applied: the recipe's choices, and its preset's where it is silent.
+                "applied": quant_record.get("settings", {}),
                 "calibration_samples": records["calibrate"].metrics.get("samples"),
                 "excluded_nodes": quant_record.get("excluded_nodes", []),
                 # int8 x int8 / 16-bit / float MAC shares as an audit of model.onnx counts them
@@ -148,9 +155,15 @@ class PackageStage(Stage):
         if self.sign_key is not None:
             atomic_write(out / signing.SIGNATURE_FILE, signing.sign(text.encode(), self.sign_key))
         atomic_write(out / "report.md", render_markdown(manifest, metrics, records, inspection, **extras))
-        return {"gates_passed": manifest["gates_passed"], "gates": manifest["gates"], "files": files}
+        return {
+            "gates_passed": manifest["gates_passed"], "gates": manifest["gates"], "files": files,
+            "ready": inspection.ok,
+            "violations": [f"[{f.rule}] {f.where}: {f.message}" for f in inspection.violations[:_VIOLATIONS_KEPT]],
+            "violation_count": len(inspection.violations),
+        }
 
 
+_VIOLATIONS_KEPT = 20  # in the stage metrics; placement.json has them all
 _REPORTS = (("layer_errors", "validate"), ("transforms", "quantize"), ("fallback", "quantize"))
 
 

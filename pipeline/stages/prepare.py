@@ -110,6 +110,27 @@ def drop_initializer_inputs(model):
     return ir.serde.serialize_model(ir_model), dropped
 
 
+def name_nodes(model) -> int:
+    """Give every unnamed node, and every node whose name an earlier one took, a unique name
+    (`<op>_<index>`): recipes (exclude_nodes), the fallback, placement and the transforms address nodes by
+    name, and an exporter may leave them all empty. Returns how many were (re)named."""
+    taken = {n.name for n in model.graph.node if n.name}
+    seen: set[str] = set()
+    renamed = 0
+    for index, node in enumerate(model.graph.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        name, k = f"{node.op_type}_{index}", 1
+        while name in taken or name in seen:
+            name, k = f"{node.op_type}_{index}_{k}", k + 1
+        node.name = name
+        seen.add(name)
+        taken.add(name)
+        renamed += 1
+    return renamed
+
+
 def fold_batchnorm(model) -> dict[str, int]:
     """Remove the inference BatchNormalization nodes onnxruntime's basic level leaves; returns counts.
 
@@ -218,7 +239,7 @@ class PrepareStage(Stage):
     name = "prepare"
     sections = ("inputs", "export")
     after = ("export",)
-    revision = 3  # 2: initializer inputs dropped, leftover BatchNorm folded; 3: constant inputs folded, -1 dims
+    revision = 4  # 2: initializer inputs dropped, leftover BatchNorm folded; 3: constant inputs folded, -1 dims; 4: every node named
     outputs = ("model.onnx",)
 
     def run(self, ctx: RunContext, out: Path) -> dict:
@@ -253,6 +274,7 @@ class PrepareStage(Stage):
         staged.unlink()
         final = onnx.shape_inference.infer_shapes(onnx.load(str(optimized)), data_prop=True)
         batchnorm = fold_batchnorm(final)
+        named = name_nodes(final)
         if batchnorm["folded"] or batchnorm["to_depthwise_conv"]:
             del final.graph.value_info[:]
             final = onnx.shape_inference.infer_shapes(final, data_prop=True)
@@ -277,6 +299,7 @@ class PrepareStage(Stage):
             "batchnorm_folded": batchnorm["folded"],
             "batchnorm_to_depthwise_conv": batchnorm["to_depthwise_conv"],
             "batchnorm_left": leftover_bn,
+            "nodes_named": named,
             "max_abs_diff_vs_export": max_diff,
             "op_histogram": dict(sorted(ops.items())),
         }

@@ -19,17 +19,18 @@ from ..quant.fallback import HeldOutFallback
 from ..quant.flow import QuantizeSettings, run_quantize_flow
 from ..quant.histogram import StatsCollector
 from ..errors import RecipeError
+from ..quant.presets import choose_preset, model_family, preset_steps
 from ..recipe import Recipe
 from ..runner import RunContext, Stage
 
-__all__ = ["QuantizeStage", "holdout_batches"]
+__all__ = ["QuantizeStage", "holdout_batches", "resolve_settings"]
 
 
 class QuantizeStage(Stage):
     name = "quantize"
     sections = ("quantization", "calibration")
     after = ("prepare", "calibrate")
-    revision = 5  # 3: transforms registry; 4: range guard; 5: 16-bit values keep int8 MAC readers (requantized), A16W8 fallback rung, output-error ranges
+    revision = 6  # 3: transforms registry; 4: range guard; 5: 16-bit values keep int8 MAC readers (requantized), A16W8 fallback rung, output-error ranges; 6: presets by model family, weight ranges, steps after quantization (AdaRound)
     outputs = ("model.onnx", "ranges.json")
     optional_outputs = (
         "emulated.onnx",  # the model validate runs when it differs from model.onnx (BF16, BF16 fallback nodes)
@@ -61,18 +62,35 @@ class QuantizeStage(Stage):
         return _qdq(ctx, model, out, target, fmt)
 
 
+def resolve_settings(recipe: Recipe, model, target, fmt: Format) -> tuple[QuantizeSettings, dict]:
+    """The flow's settings: the recipe's, and its preset's where the recipe is silent
+    (`pipeline.quant.presets`); plus what was taken from where, for the stage record."""
+    q, calibration = recipe.quantization, recipe.calibration
+    preset = choose_preset(q.preset, model)
+    steps = [(s.name, s.settings) for s in q.transform_steps()]
+    method_given = "method" in calibration.model_fields_set
+    method = calibration.method if method_given else (preset.activation_method or calibration.method)
+    settings = QuantizeSettings(
+        target=target, fmt=fmt, method=method, percentile=calibration.percentile, exclude_nodes=tuple(q.exclude_nodes),
+        transforms=steps or preset_steps(preset, power_of_two=fmt.spec.power_of_two, method=method,
+                                         percentile=calibration.percentile),
+        transform_samples=min(q.transform_samples, calibration.samples),
+        promoted_method=q.fallback.promoted_method,
+        weight_method=q.weight_method or preset.weight_method,
+        guard=q.range_guard, free_16bit=q.free_16bit,
+        output_error_ranges=q.mac_input_ranges == "output_error",
+        output_error_samples=min(q.output_error_samples, calibration.samples),
+    )
+    used = {"preset": preset.name, "family": model_family(model), "transforms": [n for n, _ in settings.transforms],
+            "activation_method": settings.method, "weight_method": settings.weight_method or "minmax"}
+    return settings, used
+
+
 def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
     recipe = ctx.recipe
     q = recipe.quantization
     float_model = ctx.require("prepare", "model.onnx")  # records recurrent states, if the recipe has any
-    settings = QuantizeSettings(
-        target=target, fmt=fmt, method=recipe.calibration.method, percentile=recipe.calibration.percentile,
-        exclude_nodes=tuple(q.exclude_nodes), transforms=[(s.name, s.settings) for s in q.transform_steps()],
-        transform_samples=min(q.transform_samples, recipe.calibration.samples),
-        promoted_method=q.fallback.promoted_method, guard=q.range_guard, free_16bit=q.free_16bit,
-        output_error_ranges=q.mac_input_ranges == "output_error",
-        output_error_samples=min(q.output_error_samples, recipe.calibration.samples),
-    )
+    settings, used = resolve_settings(recipe, model, target, fmt)
     fallback = None
     unknown = sorted(set(q.fallback.gates or ()) - {g.metric for g in recipe.gates})
     if unknown:
@@ -107,7 +125,7 @@ def _qdq(ctx: RunContext, model, out: Path, target, fmt: Format) -> dict:
         atomic_write(out / "transforms.json", dump_json(
             {"transforms": outcome.transforms.report, "stale": sorted(outcome.transforms.stale)}))
     atomic_write(out / "ranges.json", dump_json({"format": fmt.value, "tensors": outcome.ranges}))
-    return outcome.info
+    return {**outcome.info, "settings": used}
 
 
 def holdout_batches(recipe: Recipe, holdout: int, float_model: Path | None = None) -> tuple[list[dict], str]:

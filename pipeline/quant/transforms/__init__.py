@@ -1,13 +1,16 @@
 """Accuracy transforms of the float graph: the protocol and registry (`base.py`) and the builtin transforms
-(cross-layer equalization, SmoothQuant, bias correction, outlier channel split), registered on import."""
+(cross-layer equalization, bias absorption, power-of-two alignment, SmoothQuant, bias correction, outlier
+channel split; AdaRound after quantization), registered on import."""
 
-from . import bias_correction, equalize, outlier_split, smoothquant  # noqa: F401  (register the builtin transforms)
+from . import (  # noqa: F401  (register the builtin transforms)
+    absorb, adaround, align, bias_correction, equalize, outlier_split, smoothquant,
+)
 from .base import (
-    Transform, TransformContext, TransformResult, apply_transforms, downstream, make_transforms, register_transform,
-    transform_registry,
+    QuantizedTransform, Transform, TransformContext, TransformResult, apply_transforms, downstream, make_transforms,
+    register_transform, transform_registry,
 )
 
 __all__ = [
-    "Transform", "TransformContext", "TransformResult", "register_transform", "transform_registry",
-    "apply_transforms", "downstream", "make_transforms",
+    "Transform", "QuantizedTransform", "TransformContext", "TransformResult", "register_transform",
+    "transform_registry", "apply_transforms", "downstream", "make_transforms",
 ]

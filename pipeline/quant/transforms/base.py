@@ -7,6 +7,10 @@ stats, ctx)` edits the model in place and returns the tensors whose values it ch
 histograms are stale); `report()` says what it did, per layer. The recipe lists transforms in order
 (`quantization.transforms`); adding one is one module plus its import in `pipeline.quant.transforms`.
 
+A `QuantizedTransform` (AdaRound) works on the QDQ model instead: it needs the quantized neighbours and
+the quantizer's grids, so the quantize flow runs it after Q/DQ insertion (`apply_quantized`), whatever its
+place in the list; `apply_transforms` leaves it out.
+
 Statistics: when a transform needs statistics that are not there yet, one streaming pass
 (`pipeline.quant.statistics`, at most `ctx.samples` calibration samples) gathers the requests of that
 transform and of every later one, on the graph as it is then; a transform that rescales a tensor it
@@ -35,8 +39,8 @@ from ...core.onnx_io import copy_model
 from ..statistics import ChannelStats, StatisticsService
 
 __all__ = [
-    "Transform", "TransformContext", "TransformResult", "register_transform", "transform_registry",
-    "apply_transforms", "downstream", "make_transforms",
+    "Transform", "QuantizedTransform", "TransformContext", "TransformResult", "register_transform",
+    "transform_registry", "apply_transforms", "downstream", "make_transforms",
 ]
 
 
@@ -57,6 +61,7 @@ class TransformContext:
 class Transform(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[TransformConfig]] = TransformConfig
+    after_quantization: ClassVar[bool] = False
 
     def __init__(self, config: TransformConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -73,6 +78,21 @@ class Transform(ABC):
 
     def report(self) -> dict:
         return {"applied": self.applied, "skipped": self.skipped}
+
+
+class QuantizedTransform(Transform):
+    """A step on the QDQ model (see the module docstring): `apply_quantized(qmodel, float model, ctx)`
+    returns the new QDQ model; the float model is the one that was quantized (same node names)."""
+
+    after_quantization = True
+
+    def apply(self, graph: Editable, stats: dict[str, ChannelStats], ctx: TransformContext) -> set[str]:
+        raise TypeError(f"{self.name} runs on the QDQ model (apply_quantized), not on the float graph")
+
+    @abstractmethod
+    def apply_quantized(self, qmodel: onnx.ModelProto, float_model: onnx.ModelProto,
+                        ctx: TransformContext) -> onnx.ModelProto:
+        """The QDQ model with this step applied (a new model; `qmodel` is left as it was)."""
 
 
 _REGISTRY: dict[str, type[Transform]] = {}
@@ -120,7 +140,9 @@ def downstream(model: onnx.ModelProto, starts: Iterable[str]) -> set[str]:
 
 
 def apply_transforms(model: onnx.ModelProto, transforms: Sequence[Transform], ctx: TransformContext) -> TransformResult:
-    """Apply `transforms` in order to a copy of `model` (see the module docstring)."""
+    """Apply `transforms` in order to a copy of `model` (see the module docstring); steps that run after
+    quantization are left to the caller."""
+    transforms = [t for t in transforms if not t.after_quantization]
     result = TransformResult(copy_model(model))
     if not transforms:
         return result

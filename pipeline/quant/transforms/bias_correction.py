@@ -3,7 +3,8 @@
 With quantized weights W_q = W + E, a layer's output moves by E x; its expectation over the data,
 E[x] E per output channel, is a bias the float model never had. It is subtracted from the layer's bias:
 b' = b - sum_k E[x_k] E[k, :] (for a Conv, summed over the kernel window too, which ignores the zero
-padding at the borders). E[x] is the per-channel mean of the layer's float input over the calibration
+padding at the borders; grouped and depthwise Convs sum over the inputs each output reads,
+`layers.WeightLayer.response`). E[x] is the per-channel mean of the layer's float input over the calibration
 samples (`channel_stats`); W_q is what the quantizer actually produces for this model and format (read
 back from a QDQ model), so its rounding and scale rules are never re-implemented here.
 
@@ -22,7 +23,7 @@ import onnx
 from ...core.editable import Editable
 from ..statistics import ChannelStats
 from .base import Transform, TransformContext, downstream, register_transform
-from .smoothquant import weight_inputs
+from .layers import weight_inputs, weight_layer
 
 __all__ = ["BiasCorrection", "dequantized_weights"]
 
@@ -35,7 +36,7 @@ def dequantized_weights(qmodel: onnx.ModelProto) -> dict[str, np.ndarray]:
     producer = {o: n for n in qmodel.graph.node for o in n.output}
     found = {}
     for node in qmodel.graph.node:
-        if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2:
+        if node.op_type not in ("MatMul", "Gemm", "Conv", "ConvTranspose") or len(node.input) < 2:
             continue
         dq = producer.get(node.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
@@ -55,13 +56,13 @@ def dequantized_weights(qmodel: onnx.ModelProto) -> dict[str, np.ndarray]:
 @register_transform
 class BiasCorrection(Transform):
     name = "bias_correction"
-    ops = frozenset({"MatMul", "Gemm", "Conv"})
+    ops = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
 
     def inputs(self, graph: Editable) -> dict[str, list[onnx.NodeProto]]:
         return weight_inputs(graph, self.ops)
 
     def requests(self, graph: Editable) -> dict[str, tuple[int, int]]:
-        return {t: (len(graph.shape(t)), graph.input_channel_axis(c[0])) for t, c in self.inputs(graph).items()}
+        return {t: (len(graph.shape(t)), weight_layer(graph, c[0]).activation_axis) for t, c in self.inputs(graph).items()}
 
     def apply(self, graph: Editable, stats: dict[str, ChannelStats], ctx: TransformContext) -> set[str]:
         """Correct every layer; everything downstream of a corrected layer changes."""
@@ -82,18 +83,14 @@ class BiasCorrection(Transform):
                 if tensor not in stats or node.name not in quantized:
                     self.skipped.append({"node": node.name, "reason": "no input statistics or not quantized"})
                     continue
-                w, in_axis = graph.weight(node)
+                layer = weight_layer(graph, node)
                 wq = quantized[node.name].astype(np.float64)
-                if wq.shape != w.shape:
+                if wq.shape != layer.weight.shape:
                     self.skipped.append({"node": node.name, "reason": "quantized weight has another shape"})
                     continue
-                error = wq - w  # E
-                out_axis = graph.output_axis(node)
-                mean = stats[tensor].mean
-                # shift[o] = sum over input channels (and the kernel window) of E[o, i, ...] * mean[i]
-                e = np.moveaxis(error, (out_axis, in_axis), (0, 1))
-                shift = e.reshape(e.shape[0], e.shape[1], -1).sum(axis=2) @ mean
-                where = self._correct(graph, node, shift)
+                # shift[o] = sum over the inputs output o reads (and the kernel window) of E[o, i, ...] * mean[i]
+                shift = layer.response(stats[tensor].mean, wq - layer.weight)
+                where = self._correct(graph, layer, shift)
                 if where is None:
                     self.skipped.append({"node": node.name, "reason": "no bias to correct (MatMul without an Add)"})
                     continue
@@ -107,16 +104,16 @@ class BiasCorrection(Transform):
         return corrected
 
     @staticmethod
-    def _correct(graph: Editable, node: onnx.NodeProto, shift: np.ndarray) -> str | None:
-        if node.op_type in ("Conv", "Gemm"):
+    def _correct(graph: Editable, layer, shift: np.ndarray) -> str | None:
+        node = layer.node
+        if layer.has_bias_slot:
             if len(node.input) > 2 and node.input[2]:
-                bias = graph.const(node.input[2])
+                bias = layer.bias(graph)
                 if bias is None:
                     return None
-                new = np.broadcast_to(bias.reshape(-1), shift.shape) - shift
-                graph.set_input_const(node, 2, new.reshape(-1) if bias.size == shift.size else new, "biascorr")
+                layer.set_bias(graph, bias - shift, "biascorr")
                 return f"{node.op_type} '{node.name}' bias"
-            graph.set_input_const(node, 2, -shift, "biascorr")
+            layer.set_bias(graph, -shift, "biascorr")
             return f"{node.op_type} '{node.name}' new bias"
         add = graph.only_consumer(node.output[0])
         if add is None or add.op_type != "Add":

@@ -1,16 +1,20 @@
 """Per-channel rescaling of an activation, folded into the constants on both sides of it.
 
 `plan_fold(graph, tensor)` answers: can the activation `tensor` (the input X of one or more weight layers:
-MatMul, Gemm, Conv) be replaced by X / s, per input channel, without adding an op? The consumers take
-the scale in their weights (rows of W times s), so their outputs are unchanged; upstream, X is traced
-back to a *fold site*, an op whose output channels a constant scales: a MatMul/Gemm/Conv with a constant
-weight (output columns and bias / s), a Mul by a constant, or a LayerNormalization (gamma and beta / s).
+MatMul, Gemm, Conv, ConvTranspose, grouped and depthwise ones included) be replaced by X / s, per input
+channel, without adding an op? The consumers take the scale in their weights (input channel c times s_c,
+`layers.WeightLayer`), so their outputs are unchanged; upstream, X is traced back to a *fold site*, an op
+whose output channels a constant scales: a weight layer (output channels and bias / s), a Mul by a
+constant, or a LayerNormalization (gamma and beta / s).
 Between the site and X the path may hold:
 
 - Reshape, Flatten, Squeeze, Unsqueeze, Transpose: channels are permuted, not mixed;
 - Relu, LeakyRelu, MaxPool, AveragePool, GlobalAveragePool, Identity: positively homogeneous per channel,
   so f(x / s) = f(x) / s for s > 0;
 - Add of a per-channel constant (a bias: scaled too);
+- Clip, only when the caller asks (`through_clip=True`): Clip(x / s, lo, hi) equals Clip(x, lo, hi) / s
+  only where x stays inside [lo, hi] and [lo s, hi s] alike, so the plan lists the Clips (`FoldPlan.clips`)
+  and the caller bounds s per channel from their calibration statistics (see `equalize`);
 - MatMul(A, B) with the path through B (attention's P @ V): output column n is a mix of B's column n only.
 
 Which site channel lands on which input channel of the consumer is found by pushing an array of channel
@@ -30,6 +34,7 @@ import numpy as np
 import onnx
 
 from ...core.editable import Editable
+from .layers import weight_layer
 
 __all__ = ["FoldPlan", "plan_fold", "NotFoldable"]
 
@@ -54,6 +59,8 @@ class FoldPlan:
     site_axis: int = -1  # output-channel axis of the site's output
     path: list[str] = field(default_factory=list)  # tensors whose values change (site output ... tensor)
     _biases: list[tuple[onnx.NodeProto, int, np.ndarray]] = field(default_factory=list)  # (node, slot, labels)
+    # Clips on the path: (node, channel axis of its output, clip_map: consumer channel of each Clip channel).
+    clips: list[tuple[onnx.NodeProto, int, np.ndarray]] = field(default_factory=list)
 
     @property
     def channels(self) -> int:
@@ -61,12 +68,10 @@ class FoldPlan:
 
     def site_weight_range(self, graph: Editable) -> np.ndarray | None:
         """max |W| per output channel of a weight-layer site, in consumer channel order (CLE's r1)."""
-        found = graph.weight(self.site)
-        if found is None:
+        layer = weight_layer(graph, self.site)
+        if layer is None:
             return None
-        w, _ = found
-        axis = graph.output_axis(self.site)
-        per_site = np.abs(np.moveaxis(w, axis, 0)).reshape(w.shape[axis], -1).max(axis=1)
+        per_site = layer.output_ranges()
         out = np.empty_like(per_site)
         out[self.site_map] = per_site
         return out
@@ -76,9 +81,8 @@ class FoldPlan:
         s = np.asarray(s, dtype=np.float64)
         if s.shape != (self.channels,) or not np.all(np.isfinite(s)) or not np.all(s > 0):
             raise ValueError(f"fold {self.tensor}: need {self.channels} finite positive scales")
-        for node in self.consumers:  # W rows (input channels) * s
-            w, axis = graph.weight(node)
-            graph.set_input_const(node, 1, w * _along(s, w.ndim, axis), tag)
+        for node in self.consumers:  # W input channels * s
+            weight_layer(graph, node).set_weight(graph, weight_layer(graph, node).scaled_inputs(s), tag)
         site_s = s[self.site_map]  # per site output channel
         _scale_site(graph, self.site, site_s, self.site_axis, tag)
         for node, slot, labels in self._biases:
@@ -134,16 +138,18 @@ def _label_axis(labels: np.ndarray) -> int:
     raise NotFoldable("channels are mixed with other axes on the way")
 
 
-def plan_fold(graph: Editable, tensor: str) -> FoldPlan:
-    """A `FoldPlan` for `tensor`, or raises NotFoldable with the reason."""
+def plan_fold(graph: Editable, tensor: str, *, through_clip: bool = False) -> FoldPlan:
+    """A `FoldPlan` for `tensor`, or raises NotFoldable with the reason. `through_clip`: a Clip may sit
+    on the path (listed in `FoldPlan.clips`; the caller must bound the scales, see the module docstring)."""
     consumers = graph.consumers.get(tensor, [])
     if not consumers or tensor in graph.outputs:
         raise NotFoldable("read by no weight layer, or a graph output")
     axes = set()
     for node in consumers:
-        if graph.weight(node) is None or node.input[0] != tensor:
+        layer = weight_layer(graph, node)
+        if layer is None or node.input[0] != tensor:
             raise NotFoldable(f"also read by {node.op_type} '{node.name}', which has no weight to absorb a scale")
-        axes.add(graph.input_channel_axis(node))
+        axes.add(layer.activation_axis)
     shape = graph.shape(tensor)
     if shape is None or len(axes) != 1:
         raise NotFoldable("static shape unknown")
@@ -163,7 +169,7 @@ def plan_fold(graph: Editable, tensor: str) -> FoldPlan:
         if site_axis is not None:
             plan.site, plan.site_axis, plan.site_map = node, site_axis, _per_channel(labels, site_axis)
             break
-        src, labels = _step_back(graph, node, labels, plan)
+        src, labels = _step_back(graph, node, labels, plan, through_clip)
         if graph.only_consumer(src) is None:
             raise NotFoldable(f"'{src}' is also read elsewhere (e.g. a residual Add)")
         current = src
@@ -175,8 +181,9 @@ def plan_fold(graph: Editable, tensor: str) -> FoldPlan:
 def _site_axis(graph: Editable, node: onnx.NodeProto, labels: np.ndarray) -> int | None:
     """The output-channel axis if `node` can absorb a per-channel scale (a fold site), else None."""
     op = node.op_type
-    if op in ("MatMul", "Gemm", "Conv") and graph.weight(node) is not None:
-        return 1 if op == "Conv" else labels.ndim - 1
+    layer = weight_layer(graph, node)
+    if layer is not None:
+        return layer.activation_axis % labels.ndim
     if op == "LayerNormalization":
         if graph.attr(node, "axis", -1) not in (-1, labels.ndim - 1) or graph.const(node.input[1]) is None:
             raise NotFoldable(f"LayerNormalization '{node.name}': not over the last axis with a constant scale")
@@ -191,10 +198,18 @@ def _site_axis(graph: Editable, node: onnx.NodeProto, labels: np.ndarray) -> int
     return None
 
 
-def _step_back(graph: Editable, node: onnx.NodeProto, labels: np.ndarray, plan: FoldPlan) -> tuple[str, np.ndarray]:
+def _step_back(graph: Editable, node: onnx.NodeProto, labels: np.ndarray, plan: FoldPlan,
+               through_clip: bool = False) -> tuple[str, np.ndarray]:
     """Move the labels from `node`'s output to the input on the path: (that input's name, its labels)."""
     op = node.op_type
-    if op in _RESHAPES:
+    if op == "Clip" and through_clip:
+        lo, hi = clip_bounds(graph, node)
+        if not (lo <= 0 < hi):
+            raise NotFoldable(f"Clip '{node.name}': bounds ({lo:g}, {hi:g}) do not hold 0 inside")
+        axis = _label_axis(labels)
+        plan.clips.append((node, axis, _per_channel(labels, axis)))
+        src = node.input[0]
+    elif op in _RESHAPES:
         src = node.input[0]
         labels = labels.reshape(_need_shape(graph, src))
     elif op == "Transpose":
@@ -236,10 +251,10 @@ def _need_shape(graph: Editable, name: str) -> tuple[int, ...]:
 
 def _scale_site(graph: Editable, site: onnx.NodeProto, site_s: np.ndarray, axis: int, tag: str) -> None:
     op = site.op_type
-    if op in ("MatMul", "Gemm", "Conv"):
-        w, _ = graph.weight(site)
-        graph.set_input_const(site, 1, w / _along(site_s, w.ndim, graph.output_axis(site)), tag)
-        has_bias = op in ("Gemm", "Conv") and len(site.input) > 2 and site.input[2]
+    layer = weight_layer(graph, site)
+    if layer is not None:
+        layer.set_weight(graph, layer.scaled_outputs(1.0 / site_s), tag)
+        has_bias = layer.has_bias_slot and len(site.input) > 2 and site.input[2]
         bias = graph.const(site.input[2]) if has_bias else None
         if bias is not None:
             graph.set_input_const(site, 2, np.broadcast_to(bias.reshape(-1), site_s.shape) / site_s, tag)
@@ -257,3 +272,17 @@ def _scale_site(graph: Editable, site: onnx.NodeProto, site_s: np.ndarray, axis:
         shape = [1] * (rank - axis) if axis >= 0 else [1] * (-axis)
         shape[0] = -1
         graph.set_input_const(site, cslot, new.reshape(shape), tag)
+
+
+def clip_bounds(graph: Editable, node: onnx.NodeProto) -> tuple[float, float]:
+    """(lo, hi) of a Clip with constant bounds (inputs from opset 11, attributes before); -inf/inf if absent."""
+    bounds = []
+    for slot, attr, default in ((1, "min", -np.inf), (2, "max", np.inf)):
+        if len(node.input) > slot and node.input[slot]:
+            value = graph.const(node.input[slot])
+            if value is None or value.size != 1:
+                raise NotFoldable(f"Clip '{node.name}': bound is not a constant")
+            bounds.append(float(value.reshape(-1)[0]))
+        else:
+            bounds.append(float(graph.attr(node, attr, default)))
+    return bounds[0], bounds[1]

@@ -31,7 +31,7 @@ from pydantic import Field
 from ...core.editable import Editable
 from ..statistics import ChannelStats
 from .base import Transform, TransformConfig, TransformContext, register_transform
-from .smoothquant import weight_inputs
+from .layers import weight_inputs
 
 __all__ = ["OutlierSplit", "choose_channels"]
 

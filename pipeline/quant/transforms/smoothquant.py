@@ -25,22 +25,14 @@ from ...core.editable import Editable
 from ..statistics import ChannelStats
 from .base import Transform, TransformConfig, TransformContext, register_transform
 from .fold import FoldPlan, NotFoldable, plan_fold
+from .layers import weight_inputs
 from .residual import (
     Restore, insert_restore, plan_with_restore, set_restore_scale, snap_for_mul_site, snap_to_int8_grid,
 )
 
-__all__ = ["SmoothQuant", "weight_inputs", "SCALE_LIMITS"]
+__all__ = ["SmoothQuant", "SCALE_LIMITS"]
 
 SCALE_LIMITS = (1e-4, 1e4)  # keeps a dead channel (max |x| = 0) or a zero weight row from blowing up s
-
-
-def weight_inputs(graph: Editable, ops: frozenset[str]) -> dict[str, list[onnx.NodeProto]]:
-    """{activation tensor: the weight layers (of `ops`) that read it as input 0}, in graph order."""
-    found: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.model.graph.node:
-        if node.op_type in ops and graph.weight(node) is not None and node.input[0] not in graph.inits:
-            found.setdefault(node.input[0], []).append(node)
-    return found
 
 
 class SmoothQuantConfig(TransformConfig):

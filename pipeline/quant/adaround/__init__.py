@@ -1,0 +1,132 @@
+"""AdaRound on a QDQ model: learned rounding of its integer weights, layer by layer, on streamed inputs.
+
+    qmodel, report = adaround(qdq_model, float_model, batches, AdaRoundSettings(iterations=300))
+
+`qdq_model` is what `pipeline.quant.qdq.quantize_qdq` made from `float_model` (same node names); `batches()`
+opens a fresh iterator of calibration feeds. For every Conv (grouped and depthwise included), Gemm and
+MatMul with a constant quantized weight (`layers.find_layers`), in graph order:
+
+1. moments (`gram.collect_moments`): the layer's input in the QDQ model and its output in the float model,
+   streamed over `samples` calibration samples at up to `positions` output positions each, reduced to
+   Gram matrices: bounded memory. `passes` > 1 splits the layers into that many consecutive chunks and
+   streams once per chunk, so a chunk sees the inputs the already rounded chunks before it produce (the
+   paper's sequential order) at the cost of one more pass over the data each;
+2. rounding (`solve.solve_layer`): up or down per weight, on the grid the quantizer chose (its scale and
+   integer range are read back, so XINT8's power-of-two scales, per-channel U8S8 scales, any bit width
+   are all just grids), kept only where it beats round-to-nearest on the layer's reconstruction error;
+3. bias correction (`bias_correction`, default on): each output's mean error over the rows, now that the
+   weights are final (and upstream quantization included), is moved into the layer's bias: the int32 bias
+   is requantized with its own scale. Layers without a bias (a MatMul) are solved uncentered.
+
+The QDQ structure, scales and zero points are untouched: only integer weight values (and biases) change,
+so every NPU rule the model met it still meets. The report gives, per layer, the output SQNR on the
+streamed rows at round-to-nearest, with bias correction, and after AdaRound, and the seconds spent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ...core.onnx_io import copy_model
+from ...core.shapes import static_shapes
+from .gram import LayerMoments, collect_moments
+from .layers import QuantLayer, find_layers, write_bias, write_weights
+from .solve import SolveSettings, quadratic, reconstruction_error, solve_layer
+
+__all__ = ["AdaRoundSettings", "adaround", "find_layers", "QuantLayer"]
+
+
+@dataclass(frozen=True)
+class AdaRoundSettings:
+    iterations: int = 300
+    samples: int = 64
+    positions: int = 64
+    rows_per_fan_in: int = 16
+    passes: int = 1
+    quantized_inputs: bool = True
+    bias_correction: bool = True
+    learning_rate: float = 0.01
+    regularization: float = 10.0
+    warmup: float = 0.2
+    work_limit: float = 1e10
+    ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
+    seed: int = 0
+    solve: SolveSettings = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "solve", SolveSettings(
+            self.iterations, self.learning_rate, self.regularization, self.warmup, work_limit=self.work_limit))
+
+
+def _db(signal: float, noise: float) -> float | None:
+    if noise <= 0 or signal <= 0:
+        return None
+    return round(10 * float(np.log10(signal / noise)), 2)
+
+
+def adaround(
+    qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Callable[[], Iterable[dict]],
+    settings: AdaRoundSettings = AdaRoundSettings(),
+) -> tuple[onnx.ModelProto, dict]:
+    """(a copy of `qmodel` with learned rounding, the report); see the module docstring."""
+    start = time.perf_counter()
+    model = copy_model(qmodel)
+    layers, skipped = find_layers(model, float_model, ops=settings.ops)
+    shapes = {k: list(v) for k, v in static_shapes(float_model).items()}
+    chunks = [list(c) for c in np.array_split(np.arange(len(layers)), max(1, min(settings.passes, len(layers)))) if len(c)]
+    rows, stream_seconds = [], 0.0
+    for chunk in chunks:
+        part = [layers[i] for i in chunk]
+        t0 = time.perf_counter()
+        moments = collect_moments(model, float_model, part, batches(), samples=settings.samples,
+                                  positions=settings.positions, output_shapes=shapes, seed=settings.seed,
+                                  quantized_inputs=settings.quantized_inputs, per_fan_in=settings.rows_per_fan_in)
+        stream_seconds += time.perf_counter() - t0
+        for layer in part:
+            rows.append(_round_layer(model, layer, moments.pop(layer.name), settings))
+    report = {
+        "settings": {k: v for k, v in settings.__dict__.items() if k != "solve"},
+        "layers": rows,
+        "skipped": skipped,
+        "adarounded": sum(r["kept"] == "adaround" for r in rows),
+        "seconds": round(time.perf_counter() - start, 2),
+        "stream_seconds": round(stream_seconds, 2),
+    }
+    return model, report
+
+
+def _round_layer(model: onnx.ModelProto, layer: QuantLayer, m: LayerMoments, settings: AdaRoundSettings) -> dict:
+    t0 = time.perf_counter()
+    w = layer.grouped(layer.w_float)
+    scale = layer.grouped_scale()
+    has_bias = layer.op != "MatMul" and len(layer.node.input) > 2 and bool(layer.node.input[2])
+    centered = settings.bias_correction and has_bias  # the per-output mean error goes into the bias
+    q, found = solve_layer(w, scale, layer.qmin, layer.qmax, m, centered=centered, settings=settings.solve,
+                           seed=settings.seed)
+    write_weights(model, layer, layer.stored(q))
+    signal = m.sum_tt
+    row = {"node": layer.name, "op": layer.op, "group": layer.group, "rows": m.n, "kept": found["kept"],
+           "iterations": found.get("iterations", 0),
+           "flipped": found.get("flipped", 0)}
+    if m.n:
+        # The error at round-to-nearest without any bias correction, for the report.
+        gram, cross, c = quadratic(m, centered=False)
+        nearest = np.clip(np.round(w / scale), layer.qmin, layer.qmax) * scale
+        row["sqnr_db_nearest"] = _db(signal, reconstruction_error(nearest, gram, cross, c))
+        if centered:
+            row["sqnr_db_nearest_bias_corrected"] = _db(signal, found["error_nearest"])
+        row["sqnr_db"] = _db(signal, found["error_adaround"])
+    if centered and m.n:
+        mean_x, mean_t = m.sum_x / m.n, m.sum_t / m.n
+        shift = mean_t - np.einsum("gmk,gk->gm", q * scale, mean_x)  # [g, M]
+        where = write_bias(model, layer, shift.reshape(-1))
+        row["bias_corrected"] = where is not None
+        if where is not None:
+            row["max_bias_shift"] = round(float(np.abs(shift).max()), 6)
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    return row

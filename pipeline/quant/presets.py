@@ -1,0 +1,71 @@
+"""Defaults per model family, so a recipe that names no accuracy techniques still gets the right ones.
+
+`choose_preset(name, model)`: "auto" reads the family off the prepared graph (`model_family`), "cnn" and
+"none" are taken as given. The quantize stage applies a preset only where the recipe is silent: its
+transforms when `quantization.transforms` (and the legacy keys) name none, its activation range method
+when `calibration.method` is not set, its weight range method when `quantization.weight_method` is not.
+
+- `cnn` (a graph with Conv layers and no attention): cross-layer equalization (ReLU6 kept, bounded by the
+  calibration statistics), for power-of-two formats (XINT8) power-of-two alignment of the activations,
+  AdaRound with bias correction after Q/DQ insertion, percentile activation ranges, MSE weight ranges.
+  Per-tensor int8 MobileNetV2 needs all of them (see the README's figures).
+- `none`: nothing added (transformers: SmoothQuant's alpha and the fallback are model-specific choices,
+  see the MiniLM recipes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+__all__ = ["Preset", "PRESETS", "model_family", "choose_preset", "preset_steps"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    transforms: tuple[tuple[str, dict], ...] = ()
+    activation_method: str | None = None
+    weight_method: str | None = None
+
+
+PRESETS = {
+    "cnn": Preset(
+        "cnn",
+        transforms=(("cross_layer_equalization", {}), ("adaround", {})),
+        activation_method="percentile",
+        weight_method="mse",
+    ),
+    "none": Preset("none"),
+}
+
+
+def model_family(model: onnx.ModelProto) -> str:
+    """"cnn" for a graph with Conv/ConvTranspose layers and no attention (a MatMul of two computed
+    tensors), "transformer" with attention, else "other"."""
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    attention = any(n.op_type == "MatMul" and not (set(n.input[:2]) & consts) for n in model.graph.node)
+    if attention:
+        return "transformer"
+    if any(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node):
+        return "cnn"
+    return "other"
+
+
+def choose_preset(name: str, model: onnx.ModelProto) -> Preset:
+    """The preset `name` stands for on `model` ("auto": by `model_family`)."""
+    if name == "auto":
+        return PRESETS["cnn"] if model_family(model) == "cnn" else PRESETS["none"]
+    return PRESETS[name]
+
+
+def preset_steps(preset: Preset, *, power_of_two: bool, method: str, percentile: float) -> list[tuple[str, dict]]:
+    """The preset's transforms for one format: with power-of-two scales, the activations are aligned to
+    the grid (with the range method the quantizer will use) right after equalization."""
+    steps = [(name, dict(cfg)) for name, cfg in preset.transforms]
+    if power_of_two and any(name == "cross_layer_equalization" for name, _ in steps):
+        at = next(i for i, (name, _) in enumerate(steps) if name == "cross_layer_equalization") + 1
+        steps.insert(at, ("pow2_alignment", {"method": method, "percentile": percentile}))
+    return steps

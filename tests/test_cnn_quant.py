@@ -1,0 +1,259 @@
+"""Per-tensor int8 CNN quantization: equalization through ReLU6 and depthwise layers inside a residual
+block, bias absorption, AdaRound, MSE weight ranges, presets by model family.
+
+Tiny graphs built inline; real onnxruntime sessions; the quantizer is the pipeline's own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.core.formats import Format
+from pipeline.core.onnx_io import make_session
+from pipeline.quant.adaround import AdaRoundSettings, adaround
+from pipeline.quant.presets import choose_preset, model_family
+from pipeline.quant.qdq import quantize_qdq
+from pipeline.quant.statistics import collect_histograms
+from pipeline.quant.transforms import TransformContext, apply_transforms, make_transforms
+from pipeline.quant.transforms.layers import WeightLayer
+from pipeline.quant.weight_ranges import rounding_error, weight_scale
+from pipeline.targets import get_target
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inits, inputs, outputs, opset=17):
+    for i, node in enumerate(nodes):
+        node.name = node.name or f"n{i}"
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _run(model, feeds):
+    return make_session(model.SerializeToString(), optimize=False).run(None, feeds)
+
+
+def _batches(n, shape, seed=1, scale=1.0):
+    rng = np.random.default_rng(seed)
+    data = [{"x": (rng.standard_normal(shape) * scale).astype(np.float32)} for _ in range(n)]
+    return lambda: iter(data)
+
+
+def _residual_block():
+    """conv0 -> [expand 1x1 -> ReLU6 -> depthwise 3x3 -> ReLU6 -> project 1x1] + conv0 (residual Add).
+
+    The expand and depthwise channels are badly balanced, and expand channel 0 is pushed into ReLU6's
+    saturation (large bias), so one channel must keep its scale."""
+    c, e = 4, 8
+    w0 = RNG.standard_normal((c, 3, 1, 1)) * 0.5
+    we = RNG.standard_normal((e, c, 1, 1)) * np.array([4.0, 0.05, 1, 2, 0.1, 1, 3, 0.2])[:, None, None, None]
+    be = np.array([8.0, 0, 0.1, 0, 0, 0.2, 0, 0])
+    wd = RNG.standard_normal((e, 1, 3, 3)) * np.array([0.05, 3, 1, 0.1, 2, 1, 0.5, 4])[:, None, None, None]
+    wp = RNG.standard_normal((c, e, 1, 1)) * 0.3
+    inits = {"w0": w0, "b0": np.zeros(c), "we": we, "be": be, "wd": wd, "bd": RNG.standard_normal(e) * 0.1,
+             "wp": wp, "bp": np.zeros(c), "lo": np.array(0.0), "hi": np.array(6.0)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["t"], name="conv0"),
+        helper.make_node("Conv", ["t", "we", "be"], ["ce"], name="expand"),
+        helper.make_node("Clip", ["ce", "lo", "hi"], ["re"], name="relu6_e"),
+        helper.make_node("Conv", ["re", "wd", "bd"], ["cd"], name="depthwise", group=e, pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["cd", "lo", "hi"], ["rd"], name="relu6_d"),
+        helper.make_node("Conv", ["rd", "wp", "bp"], ["cp"], name="project"),
+        helper.make_node("Add", ["t", "cp"], ["y"], name="residual"),
+    ]
+    return _model(nodes, inits, [("x", [1, 3, 6, 6])], ["y"])
+
+
+def test_cle_equalizes_through_relu6_and_depthwise_inside_a_residual_block():
+    model = _residual_block()
+    batches = _batches(32, (1, 3, 6, 6))
+    result = apply_transforms(model, make_transforms([("cross_layer_equalization", {})]), TransformContext(batches, 32))
+    report = result.report["cross_layer_equalization"]
+    pairs = {tuple(a["pair"]) for a in report["applied"]}
+    assert pairs == {("expand", "depthwise"), ("depthwise", "project")}
+    assert all(a["through"] == ["Clip"] for a in report["applied"])
+    # The residual's tensor 't' is read by the Add too: never rescaled.
+    assert any(s["tensor"] == "t" and "also read" in s["reason"] for s in report["skipped"])
+    # Expand channel 0 sits in ReLU6's saturation on the calibration data: held at s = 1.
+    expand = next(a for a in report["applied"] if a["pair"][0] == "expand")
+    assert expand["channels_held_by_clip"] >= 1
+    before = [WeightLayer(None, numpy_helper.to_array(t).astype(np.float64), False, 8)
+              for t in model.graph.initializer if t.name == "wd"][0]
+    after_wd = next(numpy_helper.to_array(t) for t in result.model.graph.initializer
+                    if t.name == next(n for n in result.model.graph.node if n.name == "depthwise").input[1])
+    spread = lambda r: r.max() / r[r > 0].min()  # noqa: E731
+    assert spread(WeightLayer(None, after_wd.astype(np.float64), False, 8).output_ranges()) < spread(before.output_ranges())
+    # Float function kept: exactly on the calibration data (tolerance: float32 rounding, 1e-5 relative).
+    for batch in batches():
+        ref, got = _run(model, batch)[0], _run(result.model, batch)[0]
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+    assert report["float_output_sqnr_db"] is None or report["float_output_sqnr_db"] > 100
+
+
+def test_cle_as_relu_changes_the_clip_and_skip_leaves_clip_pairs_alone():
+    model = _residual_block()
+    batches = _batches(8, (1, 3, 6, 6))
+    relu = apply_transforms(model, make_transforms([("cross_layer_equalization", {"clip": "as_relu"})]),
+                            TransformContext(batches, 8))
+    assert {n.name for n in relu.model.graph.node if n.op_type == "Relu"} == {"relu6_e", "relu6_d"}
+    skip = apply_transforms(model, make_transforms([("cross_layer_equalization", {"clip": "skip"})]),
+                            TransformContext(batches, 8))
+    assert not skip.report["cross_layer_equalization"]["applied"]
+
+
+def test_weight_layer_channel_maps_match_index_arithmetic():
+    w = RNG.standard_normal((4, 3, 2, 2))  # Conv, 2 groups: output o reads inputs (o // 2) * 3 + j
+    conv = WeightLayer(None, w, False, 2)
+    s_in, s_out = RNG.uniform(0.5, 2, 6), RNG.uniform(0.5, 2, 4)
+    np.testing.assert_allclose(conv.scaled_inputs(s_in), w * s_in[conv.inputs][..., None, None])
+    np.testing.assert_allclose(conv.scaled_outputs(s_out), w * s_out[conv.outputs][..., None, None])
+    ref = np.zeros(6)
+    np.maximum.at(ref, conv.inputs.ravel(), np.abs(w).max(axis=(2, 3)).ravel())
+    np.testing.assert_allclose(conv.input_ranges(), ref)
+    deconv = WeightLayer(None, w, True, 2)  # ConvTranspose [Cin=4, Cout/g=3]: input a feeds (a // 2) * 3 + j
+    assert deconv.n_in == 4 and deconv.n_out == 6
+    np.testing.assert_allclose(deconv.scaled_outputs(s_in), w * s_in[deconv.outputs][..., None, None])
+
+
+def test_bias_absorption_centres_relu6_outputs_and_keeps_the_function():
+    model = _residual_block()
+    batches = _batches(16, (1, 3, 6, 6))
+    result = apply_transforms(model, make_transforms([("bias_absorption", {})]), TransformContext(batches, 16))
+    report = result.report["bias_absorption"]
+    assert [a["activation"] for a in report["applied"]] == ["relu6_d"]  # its consumer is a 1x1 conv
+    assert any(s["activation"] == "relu6_e" and "pads" in s["reason"] for s in report["skipped"])
+    lo, hi = report["applied"][0]["range_after"]
+    assert lo == pytest.approx(-hi)  # centred on 0: the whole int8 range is used
+    for batch in batches():
+        ref, got = _run(model, batch)[0], _run(result.model, batch)[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def _quantized(model, batches, fmt="a8w8"):
+    hist = collect_histograms(model, batches(), progress=False)
+    return quantize_qdq(model, hist, target=get_target("xdna2"), fmt=Format(fmt), method="minmax")[0]
+
+
+def _layer_error(model, qmodel, batches, output="y"):
+    err = sig = 0.0
+    for batch in batches():
+        ref, got = _run(model, batch)[0], _run(qmodel, batch)[0]
+        err += float(((got - ref) ** 2).sum())
+        sig += float((ref**2).sum())
+    return err / sig
+
+
+@pytest.mark.parametrize("kind", ["grouped-conv", "linear"])
+def test_adaround_beats_round_to_nearest(kind):
+    if kind == "grouped-conv":
+        w = RNG.standard_normal((8, 2, 3, 3)) * 0.4
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], group=2, pads=[1, 1, 1, 1], name="layer")]
+        model = _model(nodes, {"w": w, "b": RNG.standard_normal(8) * 0.1}, [("x", [1, 4, 8, 8])], ["y"])
+        shape = (1, 4, 8, 8)
+    else:
+        w = RNG.standard_normal((32, 16)) * 0.3
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="layer")]
+        model = _model(nodes, {"w": w}, [("x", [1, 6, 32])], ["y"])
+        shape = (1, 6, 32)
+    # Correlated inputs (a shared component), as real activations are: rounding errors then add up.
+    rng = np.random.default_rng(3)
+    data = []
+    for _ in range(32):
+        x = rng.standard_normal(shape) * 0.3 + rng.standard_normal() + 1.0
+        data.append({"x": x.astype(np.float32)})
+    batches = lambda: iter(data)  # noqa: E731
+    nearest = _quantized(model, batches, "a16w8")  # 16-bit activations: the weights make the error
+    rounded, report = adaround(nearest, model, batches, AdaRoundSettings(iterations=300, samples=32))
+    assert report["layers"][0]["kept"] == "adaround"
+    assert _layer_error(model, rounded, batches) < 0.7 * _layer_error(model, nearest, batches)
+    # Only integer weight values moved: same graph, same scales.
+    assert [n.op_type for n in rounded.graph.node] == [n.op_type for n in nearest.graph.node]
+    for a, b in zip(nearest.graph.initializer, rounded.graph.initializer):
+        if a.data_type == TensorProto.FLOAT:
+            np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_mse_weight_range_beats_max_on_a_weight_with_an_outlier():
+    w = RNG.standard_normal(65536) * 0.05
+    w[17] = 3.0  # one outlier, 60 sigma out: max |w| spends the int8 grid on it
+    by_max, by_mse = weight_scale(w, "minmax"), weight_scale(w, "mse")
+    assert by_mse < 0.9 * by_max  # clipped
+    assert rounding_error(w, [by_mse], 127)[0] < 0.8 * rounding_error(w, [by_max], 127)[0]
+    pow2 = weight_scale(w, "mse", power_of_two=True)
+    assert np.log2(pow2) == round(np.log2(pow2))
+    # Through the quantizer: a MatMul with that weight reproduces its float output better.
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], {"w": w.reshape(256, 256)},
+                   [("x", [1, 256])], ["y"])
+    batches = _batches(16, (1, 256))
+    hist = collect_histograms(model, batches(), progress=False)
+    errors = {}
+    for method in (None, "mse"):
+        q = quantize_qdq(model, hist, target=get_target("xdna2"), fmt=Format("a16w8"), method="minmax",
+                         weight_method=method)[0]
+        errors[method] = _layer_error(model, q, batches)
+    assert errors["mse"] < errors[None]
+
+
+def test_model_family_and_presets():
+    cnn = _residual_block()
+    assert model_family(cnn) == "cnn"
+    assert choose_preset("auto", cnn).name == "cnn"
+    q, k, v = (helper.make_node("MatMul", ["x", w], [o]) for w, o in (("wq", "q"), ("wk", "k"), ("wv", "v")))
+    nodes = [q, k, v, helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("Softmax", ["s"], ["p"]),
+             helper.make_node("MatMul", ["p", "v"], ["y"])]
+    attention = _model(nodes, {n: RNG.standard_normal((8, 8)) for n in ("wq", "wk", "wv")}, [("x", [1, 4, 8])], ["y"])
+    assert model_family(attention) == "transformer"
+    assert choose_preset("auto", attention).name == "none"
+    assert choose_preset("cnn", attention).transforms  # asked for explicitly
+
+
+def test_quantize_stage_applies_the_cnn_preset_where_the_recipe_is_silent(tiny_cnn_recipe):
+    from pipeline.recipe import load_recipe
+    from pipeline.stages.quantize import resolve_settings
+
+    model = _residual_block()
+    target = get_target("xdna2")
+    silent = load_recipe(tiny_cnn_recipe())
+    settings, used = resolve_settings(silent, model, target, Format.A8W8)
+    assert [n for n, _ in settings.transforms] == ["cross_layer_equalization", "adaround"]
+    assert settings.method == "percentile" and settings.weight_method == "mse" and used["family"] == "cnn"
+    explicit = load_recipe(tiny_cnn_recipe(
+        calibration={"data": {"kind": "npz", "path": "calib.npz"}, "samples": 16, "method": "minmax"},
+        quantization={"target": "xdna2", "format": "a8w8", "transforms": ["bias_correction"], "weight_method": "minmax"},
+    ))
+    settings, _ = resolve_settings(explicit, model, target, Format.A8W8)
+    assert [n for n, _ in settings.transforms] == ["bias_correction"]
+    assert settings.method == "minmax" and settings.weight_method == "minmax"
+    off = load_recipe(tiny_cnn_recipe(quantization={"target": "xdna2", "format": "a8w8", "preset": "none"}))
+    settings, _ = resolve_settings(off, model, target, Format.A8W8)
+    assert not settings.transforms and settings.weight_method is None
+
+
+def test_pow2_alignment_puts_foldable_activations_on_the_power_of_two_grid():
+    from pipeline.quant.ranges import choose_range
+
+    model = _residual_block()
+    batches = _batches(16, (1, 3, 6, 6))
+    steps = [("cross_layer_equalization", {}), ("pow2_alignment", {"method": "minmax"})]
+    result = apply_transforms(model, make_transforms(steps), TransformContext(batches, 16))
+    applied = result.report["pow2_alignment"]["applied"]
+    assert {a["tensor"] for a in applied} <= {"re", "rd"} and applied
+    hist = collect_histograms(result.model, batches(), progress=False)
+    for entry in applied:
+        lo, hi, _ = choose_range(hist[entry["tensor"]], "minmax", bits=8, symmetric=True)
+        k = np.log2(hi / 127)
+        assert abs(k - round(k)) < 1e-4, (entry, hi)  # the range is 127 x a power of two
+    for batch in batches():
+        ref, got = _run(model, batch)[0], _run(result.model, batch)[0]
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
