@@ -7,12 +7,10 @@ Tiny graphs built inline; real onnxruntime sessions; the quantizer is the pipeli
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.core.formats import Format
-from pipeline.core.onnx_io import make_session
 from pipeline.quant.adaround import AdaRoundSettings, adaround
 from pipeline.quant.presets import choose_preset, model_family
 from pipeline.quant.qdq import quantize_qdq
@@ -22,25 +20,10 @@ from pipeline.quant.transforms.layers import WeightLayer
 from pipeline.quant.weight_ranges import rounding_error, weight_scale
 from pipeline.targets import get_target
 
+from .graph_builders import run_unoptimized as _run
+from .graph_builders import tiny_model as _model
+
 RNG = np.random.default_rng(0)
-
-
-def _model(nodes, inits, inputs, outputs, opset=17):
-    for i, node in enumerate(nodes):
-        node.name = node.name or f"n{i}"
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
-        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return onnx.shape_inference.infer_shapes(model)
-
-
-def _run(model, feeds):
-    return make_session(model.SerializeToString(), optimize=False).run(None, feeds)
 
 
 def _batches(n, shape, seed=1, scale=1.0):

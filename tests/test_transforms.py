@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from pipeline.core.editable import Editable
-from pipeline.core.onnx_io import make_session
 from pipeline.quant.statistics import StatisticsService
 from pipeline.quant.transforms import TransformContext, apply_transforms, make_transforms, transform_registry
 from pipeline.quant.transforms.bias_correction import BiasCorrection, dequantized_weights
@@ -31,25 +30,10 @@ def collect_channel_stats(model, tensors, batches, *, limit):
     service.request_channels(tensors)
     return service.collect(batches, limit=limit).channels
 
+from .graph_builders import run_unoptimized as _run
+from .graph_builders import tiny_model as _model
+
 RNG = np.random.default_rng(0)
-
-
-def _model(nodes, inits, inputs, outputs, opset=17):
-    for i, node in enumerate(nodes):
-        node.name = node.name or f"n{i}"
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
-        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return onnx.shape_inference.infer_shapes(model)
-
-
-def _run(model, feeds):
-    return make_session(model.SerializeToString(), optimize=False).run(None, feeds)
 
 
 def _cnn():
