@@ -226,7 +226,12 @@ def test_quantize_stage_applies_the_cnn_preset_where_the_recipe_is_silent(tiny_c
     target = get_target("xdna2")
     silent = load_recipe(tiny_cnn_recipe())
     settings, used = resolve_settings(silent, model, target, Format.A8W8)
-    assert [n for n, _ in settings.transforms] == ["cross_layer_equalization", "adaround"]
+    assert [n for n, _ in settings.transforms] == ["cross_layer_equalization", "bias_absorption", "adaround"]
+    assert dict(settings.transforms)["bias_absorption"] == {"consumer_bias": "float"}  # AdaRound's target stays exact
+    settings, _ = resolve_settings(silent, model, target, Format.XINT8)  # alignment sees the moved tensors
+    assert [n for n, _ in settings.transforms] == [
+        "cross_layer_equalization", "bias_absorption", "pow2_alignment", "adaround"]
+    settings, _ = resolve_settings(silent, model, target, Format.A8W8)
     assert settings.method == "percentile" and settings.weight_method == "mse" and used["family"] == "cnn"
     explicit = load_recipe(tiny_cnn_recipe(
         calibration={"data": {"kind": "npz", "path": "calib.npz"}, "samples": 16, "method": "minmax"},
