@@ -75,13 +75,14 @@ def run_models(models: dict[str, bytes | Path], npu: set[str], samples: int | No
 
 def stage_seconds(run: Path) -> dict[str, float]:
     times = {}
-    recorded = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
+    timings = run / "timings.json"  # the runner's per-stage seconds (stage.json does not carry them)
+    recorded = json.loads(timings.read_text()) if timings.is_file() else {}
     for stage in ("export", "prepare", "calibrate", "quantize", "validate", "artifact"):
         record = run / stage / "stage.json"
         if record.is_file():
             data = json.loads(record.read_text())
-            if stage in recorded:  # wall-clock seconds live in <run>/timings.json (stage.json is deterministic)
-                times[stage] = round(float(recorded[stage]), 2)
+            if stage in recorded or "seconds" in data:
+                times[stage] = round(float(recorded.get(stage, data.get("seconds"))), 2)
             for step, seconds in data.get("metrics", {}).get("seconds", {}).items():  # the quantize steps
                 times[f"{stage}.{step}"] = seconds
     return times

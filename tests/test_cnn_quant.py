@@ -209,7 +209,12 @@ def test_quantize_stage_applies_the_cnn_preset_where_the_recipe_is_silent(tiny_c
     target = get_target("xdna2")
     silent = load_recipe(tiny_cnn_recipe())
     settings, used = resolve_settings(silent, model, target, Format.A8W8)
-    assert [n for n, _ in settings.transforms] == ["cross_layer_equalization", "adaround"]
+    assert [n for n, _ in settings.transforms] == ["cross_layer_equalization", "bias_absorption", "adaround"]
+    assert dict(settings.transforms)["bias_absorption"] == {"consumer_bias": "float"}  # AdaRound's target stays exact
+    settings, _ = resolve_settings(silent, model, target, Format.XINT8)  # alignment sees the moved tensors
+    assert [n for n, _ in settings.transforms] == [
+        "cross_layer_equalization", "bias_absorption", "pow2_alignment", "adaround"]
+    settings, _ = resolve_settings(silent, model, target, Format.A8W8)
     assert settings.method == "percentile" and settings.weight_method == "mse" and used["family"] == "cnn"
     explicit = load_recipe(tiny_cnn_recipe(
         calibration={"data": {"kind": "npz", "path": "calib.npz"}, "samples": 16, "method": "minmax"},
@@ -240,3 +245,21 @@ def test_pow2_alignment_puts_foldable_activations_on_the_power_of_two_grid():
     for batch in batches():
         ref, got = _run(model, batch)[0], _run(result.model, batch)[0]
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+
+
+def test_bias_absorption_float_consumer_bias_keeps_the_float_model_for_a_later_adaround():
+    """consumer_bias "float" gives the consumer W c: the float model stays exact even with the quantizer
+    at hand ("quantized", W_q c, moves it by (W_q - W) c, which AdaRound would then take as its target)."""
+    model = _residual_block()
+    batches = _batches(16, (1, 3, 6, 6))
+    quantize = lambda m: _quantized(m, batches)  # noqa: E731
+
+    def max_error(cfg):
+        result = apply_transforms(model, make_transforms([("bias_absorption", cfg)]),
+                                  TransformContext(batches, 16, quantize=quantize))
+        assert result.report["bias_absorption"]["applied"]
+        return max(float(np.abs(_run(result.model, b)[0] - _run(model, b)[0]).max()) for b in batches())
+
+    exact = max_error({"consumer_bias": "float"})
+    assert exact <= 1e-4
+    assert max_error({"consumer_bias": "quantized"}) > 10 * exact

@@ -347,3 +347,21 @@ def test_fallback_gates_must_name_recipe_gates(tmp_path):
     path = _block_recipe(tmp_path, {"fallback": {"enabled": True, "gates": ["nn_agreement"]}}, name="typo")
     result = CliRunner().invoke(app, ["run", str(path), "--quiet"])
     assert result.exit_code == 2 and "quantization.fallback.gates" in result.output
+
+
+def test_xint8_values_promoted_to_16_bits_keep_power_of_two_scales():
+    """XINT8 requantizes by shifts: a value free_16bit promotes (int16) needs a power-of-two scale too."""
+    model = _block()
+    batches = _batches(8)
+    stats = collect_histograms(model, batches, progress=False)
+    everything = {t: 16 for t in stats.names}
+    q, _, _ = quantize_qdq(model, stats, target=get_target("xdna2"), fmt=Format.XINT8, method="minmax",
+                           promote=everything, wide_nodes=())
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    wide = 0
+    for node in q.graph.node:
+        if node.op_type == "QuantizeLinear":
+            scale = float(inits[node.input[1]])
+            assert scale == 2.0 ** round(np.log2(scale)), node.name
+            wide += inits[node.input[2]].dtype == np.int16
+    assert wide

@@ -6,7 +6,8 @@ transforms when `quantization.transforms` (and the legacy keys) name none, its a
 when `calibration.method` is not set, its weight range method when `quantization.weight_method` is not.
 
 - `cnn` (a graph with Conv layers and no attention): cross-layer equalization (ReLU6 kept, bounded by the
-  calibration statistics), for power-of-two formats (XINT8) power-of-two alignment of the activations,
+  calibration statistics), bias absorption (ReLU6 outputs read by 1x1 convolutions centred on 0 for the
+  symmetric int8 grid), for power-of-two formats (XINT8) power-of-two alignment of the activations,
   AdaRound with bias correction after Q/DQ insertion, percentile activation ranges, MSE weight ranges.
   Per-tensor int8 MobileNetV2 needs all of them (see the README's figures).
 - `none`: nothing added (transformers: SmoothQuant's alpha and the fallback are model-specific choices,
@@ -33,7 +34,10 @@ class Preset:
 PRESETS = {
     "cnn": Preset(
         "cnn",
-        transforms=(("cross_layer_equalization", {}), ("adaround", {})),
+        # Bias absorption keeps the float model exact ("float"): AdaRound after it takes that model as its
+        # target and its bias correction removes the constant (W_q - W) c the shift leaves.
+        transforms=(("cross_layer_equalization", {}), ("bias_absorption", {"consumer_bias": "float"}),
+                    ("adaround", {})),
         activation_method="percentile",
         weight_method="mse",
     ),
@@ -63,9 +67,11 @@ def choose_preset(name: str, model: onnx.ModelProto) -> Preset:
 
 def preset_steps(preset: Preset, *, power_of_two: bool, method: str, percentile: float) -> list[tuple[str, dict]]:
     """The preset's transforms for one format: with power-of-two scales, the activations are aligned to
-    the grid (with the range method the quantizer will use) right after equalization."""
+    the grid (with the range method the quantizer will use) after the float-graph transforms that move
+    activations (equalization, bias absorption), so it sees the tensors the quantizer will."""
     steps = [(name, dict(cfg)) for name, cfg in preset.transforms]
     if power_of_two and any(name == "cross_layer_equalization" for name, _ in steps):
-        at = next(i for i, (name, _) in enumerate(steps) if name == "cross_layer_equalization") + 1
+        moving = ("cross_layer_equalization", "bias_absorption")
+        at = max(i for i, (name, _) in enumerate(steps) if name in moving) + 1
         steps.insert(at, ("pow2_alignment", {"method": method, "percentile": percentile}))
     return steps

@@ -290,10 +290,14 @@ def quantize_qdq(
             lo, hi, used = choose_range(stats, how, bits=bits, symmetric=symmetric, percentile=percentile)
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise StageError(f"quantize: range of '{name}' is not finite ({lo}, {hi})")
-        if spec.power_of_two and bits == 8:
-            scale = pow2_covering(max(abs(lo), abs(hi), 1e-8) / 127)
-            overrides[name] = [pow2_override(scale)]
-            lo, hi = -128 * scale, 127 * scale
+        if spec.power_of_two and bits in (8, 16):  # promoted 16-bit values shift-requantize too
+            top = (1 << (bits - 1)) - 1
+            scale = pow2_covering(max(abs(lo), abs(hi), 1e-8) / top)
+            override = pow2_override(scale)
+            if bits == 16:
+                override.update(zero_point=np.array(0, dtype=np.int16), quant_type=QuantType.QInt16)
+            overrides[name] = [override]
+            lo, hi = -(top + 1) * scale, top * scale
         elif bits != spec.activation_bits:
             overrides[name] = [{"quant_type": QuantType.QInt16}]
         ranges[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))

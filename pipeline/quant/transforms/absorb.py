@@ -25,6 +25,8 @@ its border outputs would change: skipped). Every tensor on the way must feed onl
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import onnx
 from pydantic import Field
@@ -44,6 +46,12 @@ _PASS = frozenset({"GlobalAveragePool", "MaxPool", "Flatten", "Reshape", "Squeez
 class BiasAbsorptionConfig(TransformConfig):
     # Share of the activation's calibrated range to take out: 0.5 centres it (the default).
     fraction: float = Field(0.5, ge=0.0, le=1.0)
+    # What the consumer's bias takes: "quantized" W_q c (the quantized model computes what it did before;
+    # the float model moves by (W_q - W) c), or "float" W c (the float model is kept exactly; the quantized
+    # one carries a constant (W_q - W) c per output, which a later bias correction removes). Before
+    # AdaRound use "float": it takes the float model as its target and corrects each output's mean error,
+    # so with "quantized" it would steer the quantized model towards the moved float function.
+    consumer_bias: Literal["quantized", "float"] = "quantized"
 
 
 class _Site:
@@ -74,7 +82,8 @@ class BiasAbsorption(Transform):
     def apply(self, graph: Editable, stats: dict[str, ChannelStats], ctx: TransformContext) -> set[str]:
         stale: set[str] = set()
         sites = self.sites(graph, record=True)
-        quantized = dequantized_weights(ctx.quantize(graph.model)) if sites and ctx.quantize is not None else {}
+        use_wq = self.config.consumer_bias == "quantized" and ctx.quantize is not None
+        quantized = dequantized_weights(ctx.quantize(graph.model)) if sites and use_wq else {}
         for site in sites:
             out = site.activation.output[0]
             found = stats.get(out)
@@ -99,7 +108,8 @@ class BiasAbsorption(Transform):
                 add = consumer.response(np.full(consumer.n_in, c), wq.astype(np.float64) if usable else None)
                 consumer.set_bias(graph, (np.zeros(consumer.n_out) if own is None else own) + add, "absorb")
             stale.update([site.site.output[0], out, *site.path])
-            stale |= downstream(graph.model, [n.name for n in site.consumers])  # they moved by (W_q - W) c
+            if quantized:
+                stale |= downstream(graph.model, [n.name for n in site.consumers])  # they moved by (W_q - W) c
             self.applied.append({
                 "activation": site.activation.name,
                 "producer": site.site.name,
