@@ -159,8 +159,8 @@ class QuantizationSettings(_Strict):
     # layer's output error on `output_error_samples` calibration samples (pipeline.quant.output_ranges).
     mac_input_ranges: Literal["method", "output_error"] = "method"
     output_error_samples: Annotated[int, Field(ge=1)] = 8
-    # Defaults by model family where the recipe is silent (pipeline.quant.presets): auto | cnn | none.
-    preset: Literal["auto", "cnn", "none"] = "auto"
+    # Defaults by model family where the recipe is silent (pipeline.quant.presets): auto | cnn | transformer | none.
+    preset: Literal["auto", "cnn", "transformer", "none"] = "auto"
     # Weight scales (pipeline.quant.weight_ranges): minmax | mse; unset: the preset's, else max |w|.
     weight_method: Literal["minmax", "mse"] | None = None
     fallback: FallbackSettings = FallbackSettings()

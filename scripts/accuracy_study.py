@@ -146,6 +146,9 @@ INT8_VARIANTS = [  # (label, transforms, flow settings)
     ("16-bit values + output-error ranges", [], {"free_16bit": True, "output_error_ranges": True}),
     ("16-bit values + split + output-error ranges", [("outlier_split", {"channels": 8, "ratio": 4})],
      {"free_16bit": True, "output_error_ranges": True}),
+    ("all + MSE weight ranges",
+     [("outlier_split", {"channels": 8, "ratio": 4}), ("smoothquant", {"alpha": 0.5, "residual": True})],
+     {"free_16bit": True, "output_error_ranges": True, "weight_method": "mse"}),
 ]
 
 

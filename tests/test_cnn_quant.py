@@ -197,7 +197,8 @@ def test_model_family_and_presets():
              helper.make_node("MatMul", ["p", "v"], ["y"])]
     attention = _model(nodes, {n: RNG.standard_normal((8, 8)) for n in ("wq", "wk", "wv")}, [("x", [1, 4, 8])], ["y"])
     assert model_family(attention) == "transformer"
-    assert choose_preset("auto", attention).name == "none"
+    chosen = choose_preset("auto", attention)
+    assert chosen.name == "transformer" and chosen.weight_method == "mse" and not chosen.transforms
     assert choose_preset("cnn", attention).transforms  # asked for explicitly
 
 

@@ -10,8 +10,10 @@ when `calibration.method` is not set, its weight range method when `quantization
   symmetric int8 grid), for power-of-two formats (XINT8) power-of-two alignment of the activations,
   AdaRound with bias correction after Q/DQ insertion, percentile activation ranges, MSE weight ranges.
   Per-tensor int8 MobileNetV2 needs all of them (see the README's figures).
-- `none`: nothing added (transformers: SmoothQuant's alpha and the fallback are model-specific choices,
-  see the MiniLM recipes).
+- `transformer` (a graph with attention): MSE weight ranges only (MiniLM A8W8: mean nearest-neighbour
+  agreement over validation and three held-out sets 93.0% -> 94.4%, every set better or equal).
+  SmoothQuant's alpha, the outlier split and the fallback stay model-specific choices (the MiniLM recipes).
+- `none`: nothing added.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ PRESETS = {
         activation_method="percentile",
         weight_method="mse",
     ),
+    "transformer": Preset("transformer", weight_method="mse"),
     "none": Preset("none"),
 }
 
@@ -61,7 +64,7 @@ def model_family(model: onnx.ModelProto) -> str:
 def choose_preset(name: str, model: onnx.ModelProto) -> Preset:
     """The preset `name` stands for on `model` ("auto": by `model_family`)."""
     if name == "auto":
-        return PRESETS["cnn"] if model_family(model) == "cnn" else PRESETS["none"]
+        return PRESETS.get(model_family(model), PRESETS["none"])
     return PRESETS[name]
 
 
