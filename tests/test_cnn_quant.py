@@ -264,3 +264,34 @@ def test_bias_absorption_float_consumer_bias_keeps_the_float_model_for_a_later_a
     exact = max_error({"consumer_bias": "float"})
     assert exact <= 1e-4
     assert max_error({"consumer_bias": "quantized"}) > 10 * exact
+
+
+def test_a_preset_fills_only_what_the_recipe_left_out_in_compare_variants_and_the_cache_key(tiny_cnn_recipe):
+    """`compare` rebuilds the recipe per format: a key the recipe left out must stay out (else a dumped
+    default `calibration.method: minmax` turns the preset's percentile off), and writing that default
+    out must rerun quantize rather than hit the silent recipe's cache."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    path = tiny_cnn_recipe()
+    out = path.parent / "cmp"
+    result = CliRunner().invoke(app, ["compare", str(path), "--formats", "a8w8", "--out", str(out), "--runs", "2"])
+    assert result.exit_code in (0, 4), result.output
+    (variant,) = [p for p in out.iterdir() if p.is_dir()]
+    used = json.loads((variant / "quantize" / "stage.json").read_text())["metrics"]["settings"]
+    assert used["activation_method"] == "percentile" and used["preset"] == "cnn"
+
+    run = ["run", str(path), "--out", str(path.parent / "run"), "--quiet"]
+    assert CliRunner().invoke(app, run).exit_code in (0, 4)
+    data = yaml.safe_load(path.read_text())
+    data["calibration"]["method"] = "minmax"  # the default, now written out: the preset no longer fills it
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, run[:-1])
+    assert result.exit_code in (0, 4), result.output
+    assert "quantize   " in result.output and "quantize   cached" not in result.output
+    used = json.loads((path.parent / "run" / "quantize" / "stage.json").read_text())["metrics"]["settings"]
+    assert used["activation_method"] == "minmax"

@@ -40,13 +40,16 @@ class QuantizeStage(Stage):
     )
 
     def extra_key(self, ctx: RunContext) -> dict:
-        if not ctx.recipe.quantization.fallback.enabled:
-            return {}
+        recipe = ctx.recipe
+        # A preset fills `calibration.method` only where the recipe is silent, and a written-out
+        # `method: minmax` dumps the same as the default: whether it was written is part of the key.
+        key = {"calibration_method_given": "method" in recipe.calibration.model_fields_set}
+        if not recipe.quantization.fallback.enabled:
+            return key
         # The fallback searches until the gates hold, scoring held-out data with the validation task's
         # metrics on this output: all three shape its result.
-        recipe = ctx.recipe
         v = recipe.validation
-        return {"gates": recipe.section_json("gates"), "task": v.task, "output": v.output,
+        return {**key, "gates": recipe.section_json("gates"), "task": v.task, "output": v.output,
                 "outputs": {n: s.model_dump(mode="json") for n, s in v.outputs.items()},
                 "allow_dead_channels": v.allow_dead_channels}
 

@@ -184,7 +184,10 @@ def compare(
     if parsed is not None and parsed.metric not in _METRICS:
         raise DataError(f"--bar: unknown metric '{parsed.metric}' (use one of: {', '.join(sorted(_METRICS))})")
     out = Path(out).resolve() if out else (Path.cwd() / "build" / f"{base.name}-compare").resolve()
-    data = base.model_dump(mode="json")
+    # Only what the recipe says: a key it left out stays out, so the presets fill the same keys they fill
+    # for the recipe itself (a dumped default `calibration.method: minmax` would turn the CNN preset's
+    # percentile ranges off).
+    data = base.model_dump(mode="json", exclude_unset=True)
     data.pop("output", None)
     variants, errors, seed = [], [], None
     for target in targets:
@@ -227,7 +230,7 @@ def _variant_recipe(data: dict, base, target: str, fmt: str, *, source: str):
     from ..recipe import recipe_from_dict
 
     d = copy.deepcopy(data)
-    d["quantization"]["target"] = target
+    d.setdefault("quantization", {})["target"] = target
     d["quantization"]["format"] = fmt
     d["name"] = f"{base.name}-{target}-{fmt}"  # as its folder: artifacts of two variants never share a name
     try:
