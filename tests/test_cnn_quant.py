@@ -166,6 +166,30 @@ def test_adaround_beats_round_to_nearest(kind):
             np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
 
 
+def test_adaround_on_quantized_inputs_goes_layer_by_layer_and_does_not_overcorrect():
+    """Three convolutions with 8-bit activations: with inputs from the QDQ model each layer's rounding and
+    bias correction also absorb the upstream error, which is right only when every layer sees its
+    predecessors already corrected (one pass per layer); the result must beat float-input AdaRound."""
+    rng = np.random.default_rng(5)
+    inits, nodes, x = {}, [], "x"
+    for i, (cin, cout) in enumerate([(3, 8), (8, 8), (8, 4)]):
+        inits[f"w{i}"] = rng.standard_normal((cout, cin, 3, 3)) * 0.4
+        inits[f"b{i}"] = rng.standard_normal(cout) * 0.3 + 0.2  # biased: a mean error to correct
+        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"))
+        out = "y" if i == 2 else f"r{i}"
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [out], name=f"relu{i}"))
+        x = out
+    model = _model(nodes, inits, [("x", [1, 3, 8, 8])], ["y"])
+    batches = _batches(24, (1, 3, 8, 8), seed=7)
+    nearest = _quantized(model, batches, "a8w8")
+    floats, _ = adaround(nearest, model, batches, AdaRoundSettings(iterations=200, samples=24))
+    sequential, report = adaround(nearest, model, batches,
+                                  AdaRoundSettings(iterations=200, samples=24, quantized_inputs=True))
+    assert [r["node"] for r in report["layers"]] == ["conv0", "conv1", "conv2"]
+    assert _layer_error(model, sequential, batches) < _layer_error(model, floats, batches)
+    assert _layer_error(model, sequential, batches) < _layer_error(model, nearest, batches)
+
+
 def test_mse_weight_range_beats_max_on_a_weight_with_an_outlier():
     w = RNG.standard_normal(65536) * 0.05
     w[17] = 3.0  # one outlier, 60 sigma out: max |w| spends the int8 grid on it

@@ -8,9 +8,13 @@ MatMul with a constant quantized weight (`layers.find_layers`), in graph order:
 
 1. moments (`gram.collect_moments`): the layer's input in the QDQ model and its output in the float model,
    streamed over `samples` calibration samples at up to `positions` output positions each, reduced to
-   Gram matrices: bounded memory. `passes` > 1 splits the layers into that many consecutive chunks and
-   streams once per chunk, so a chunk sees the inputs the already rounded chunks before it produce (the
-   paper's sequential order) at the cost of one more pass over the data each;
+   Gram matrices: bounded memory. By default the inputs come from the float model (one pass for every
+   layer: each layer is judged on its own rounding). `quantized_inputs` takes them from the QDQ model
+   instead, layer by layer in graph order, one pass per layer, each seeing the already rounded and
+   bias-corrected layers before it (the paper's sequential order): the rounding and the bias correction
+   then also absorb the upstream activation quantization error. It must be sequential: in one pass every
+   layer would correct the same upstream error again (MobileNetV2 A8W8: -11.4 dB in one pass, 17.4 dB
+   sequential against 16.7 dB from float inputs, at about 8x the time);
 2. rounding (`solve.solve_layer`): up or down per weight, on the grid the quantizer chose (its scale and
    integer range are read back, so XINT8's power-of-two scales, per-channel U8S8 scales, any bit width
    are all just grids), kept only where it beats round-to-nearest on the layer's reconstruction error;
@@ -47,8 +51,7 @@ class AdaRoundSettings:
     samples: int = 64
     positions: int = 64
     rows_per_fan_in: int = 16
-    passes: int = 1
-    quantized_inputs: bool = True
+    quantized_inputs: bool = False
     bias_correction: bool = True
     learning_rate: float = 0.01
     regularization: float = 10.0
@@ -78,7 +81,9 @@ def adaround(
     model = copy_model(qmodel)
     layers, skipped = find_layers(model, float_model, ops=settings.ops)
     shapes = {k: list(v) for k, v in static_shapes(float_model).items()}
-    chunks = [list(c) for c in np.array_split(np.arange(len(layers)), max(1, min(settings.passes, len(layers)))) if len(c)]
+    # Quantized inputs: one pass per layer, so that each sees its predecessors final (module docstring).
+    chunks = [[i] for i in range(len(layers))] if settings.quantized_inputs else [list(range(len(layers)))]
+    chunks = [c for c in chunks if c]
     rows, stream_seconds = [], 0.0
     for chunk in chunks:
         part = [layers[i] for i in chunk]

@@ -159,8 +159,9 @@ def collect_moments(
     alone, and only the float model runs)."""
     qsession = None
     wanted = [l.output for l in layers]
+    q_exposed = list(dict.fromkeys(l.input for l in layers))  # two layers may read one DQ output
     if quantized_inputs:
-        qsession = make_session(expose_outputs(qmodel, [l.input for l in layers], replace=True).SerializeToString(),
+        qsession = make_session(expose_outputs(qmodel, q_exposed, replace=True).SerializeToString(),
                                 npu_emulation=True)
     else:
         wanted += [l.float_input for l in layers]
@@ -183,7 +184,8 @@ def collect_moments(
         values = fsession.run(None, {k: v for k, v in batch.items() if k in f_inputs})
         ys = [values[position[l.output]] for l in layers]
         if qsession is not None:
-            xs = qsession.run(None, {k: v for k, v in batch.items() if k in q_inputs})
+            q_values = qsession.run(None, {k: v for k, v in batch.items() if k in q_inputs})
+            xs = [q_values[q_exposed.index(l.input)] for l in layers]
         else:
             xs = [values[position[l.float_input]] for l in layers]
         for number, (layer, x, y) in enumerate(zip(layers, xs, ys)):

@@ -7,8 +7,8 @@
 Settings (all optional): `iterations` per layer (fewer for layers whose steps cost more than `work_limit`
 multiply-accumulates in all), `samples` calibration samples streamed (at most the flow's
 `transform_samples`), `positions` output positions per sample and layer, `bias_correction`,
-`quantized_inputs` with `passes` (inputs from the quantized model, one streamed pass per chunk of
-layers: slower, and on MobileNetV2 worse, see the package docstring), `ops`.
+`quantized_inputs` (inputs from the quantized model, one streamed pass per layer so each sees the rounded
+layers before it: MobileNetV2 A8W8 16.7 -> 17.4 dB at about 8x the time; see the package docstring), `ops`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ class AdaRoundConfig(TransformConfig):
     positions: int = Field(64, ge=1)
     bias_correction: bool = True
     quantized_inputs: bool = False
-    passes: int = Field(1, ge=1)
     regularization: float = Field(10.0, ge=0)
     learning_rate: float = Field(0.01, gt=0)
     work_limit: float = Field(1e10, gt=0)
@@ -49,7 +48,7 @@ class AdaRound(QuantizedTransform):
         c = self.config
         settings = AdaRoundSettings(
             iterations=c.iterations, samples=min(c.samples, ctx.samples), positions=c.positions,
-            passes=c.passes, quantized_inputs=c.quantized_inputs, bias_correction=c.bias_correction,
+            quantized_inputs=c.quantized_inputs, bias_correction=c.bias_correction,
             learning_rate=c.learning_rate, regularization=c.regularization, work_limit=c.work_limit,
             ops=tuple(c.ops),
         )
