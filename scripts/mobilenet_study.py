@@ -181,6 +181,8 @@ def skip_reasons(transforms: Path) -> dict[str, int]:
 # name -> (recipe overrides, what it measures). "none" is the bare baseline (no preset, no transform,
 # minmax activations, max|w| weights); the others switch one technique on over it, or one off the preset.
 _BARE = {"quantization": {"preset": "none", "weight_method": "minmax"}, "calibration": {"method": "minmax"}}
+_ABSORB = {"bias_absorption": {"consumer_bias": "float"}}  # as the CNN preset applies it
+# Variants that name transforms drop the preset's power-of-two alignment (XINT8): compare XINT8 rows with that in mind.
 VARIANTS = {
     "none": (_BARE, "no technique: minmax activations, max|w| weights"),
     "percentile": ({**_BARE, "calibration": {"method": "percentile"}}, "percentile activation ranges alone"),
@@ -195,10 +197,15 @@ VARIANTS = {
                                                  "transforms": [{"adaround": {"bias_correction": False}}]}},
                        "AdaRound alone, no bias correction"),
     "preset": ({}, "the shipped recipe: every default of the CNN preset"),
-    "preset-cle": ({"quantization": {"transforms": ["adaround"]}}, "the preset without equalization"),
-    "preset-adaround": ({"quantization": {"transforms": ["cross_layer_equalization"]}}, "the preset without AdaRound"),
-    "preset+bias_absorption": ({"quantization": {"transforms": ["cross_layer_equalization", "bias_absorption",
-                                                                "adaround"]}}, "the preset with bias absorption"),
+    "preset-cle": ({"quantization": {"transforms": [_ABSORB, "adaround"]}}, "the preset without equalization"),
+    "preset-bias_absorption": ({"quantization": {"transforms": ["cross_layer_equalization", "adaround"]}},
+                               "the preset without bias absorption"),
+    "preset-adaround": ({"quantization": {"transforms": ["cross_layer_equalization", _ABSORB]}},
+                        "the preset without AdaRound"),
+    "preset+sequential_adaround": ({"quantization": {"transforms": [
+        "cross_layer_equalization", _ABSORB, {"adaround": {"quantized_inputs": True, "samples": 32}}]}},
+        "the preset with AdaRound on quantized inputs, layer by layer"),
+    "preset-free_16bit": ({"quantization": {"free_16bit": False}}, "the recipe without 16-bit non-MAC values"),
 }
 
 
