@@ -227,7 +227,7 @@ def run_variant(recipe_path: Path, variant: str, out_root: Path) -> Path:
     data = yaml.safe_load(recipe_path.read_text())
     overrides, _ = VARIANTS[variant]
     data = _merge(data, overrides)
-    data["name"] = f"{data['name']}+{variant}"
+    data["name"] = f"{data['name']}.{variant.replace('+', '.plus.')}"  # a recipe name takes letters, digits, _ . -
     recipe = recipe_from_dict(data, source=f"{recipe_path}+{variant}", base_dir=recipe_path.resolve().parent)
     run_dir = out_root / recipe.name
     Runner(recipe, run_dir, progress=False).run([stage_by_name(s) for s in ("export", "prepare", "calibrate", "quantize")])

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ..core.formats import Format
+from ..core.formats import Format, all_formats
 from ..core.graph import Graph
 from ..core.ops import DQ_OPS, MAC_OPS, Q_OPS
 from ..targets import Target
@@ -176,8 +176,11 @@ def candidate_formats(g: Graph, qdq: list[_QInfo]) -> list[Format]:
         return []
     pow2 = _pow2_activations(qdq)
     if acts & {"int16", "uint16"}:
+        # Every registered 16-bit-activation format whose weight types hold the model's, in registration
+        # order (A16W8 first); a format module registering another (A16W4) is found without an edit here.
         weights = {q.dtype for q in qdq if q.role == "weight"}
-        return [Format.A16W4] if weights and weights <= {"int4"} else [Format.A16W8]
+        wide = [f for f in all_formats() if f.spec.activation_bits == 16 and weights <= f.spec.weight_dtypes]
+        return wide or [Format.A16W8]
     if acts <= {"int8"}:
         return [Format.XINT8, Format.A8W8] if pow2 else [Format.A8W8]
     zp128 = all(q.zero_point is not None and np.all(q.zero_point == 128)
