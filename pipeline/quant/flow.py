@@ -93,6 +93,7 @@ def run_quantize_flow(
         # Bias correction reads the weights the quantizer makes; they depend on the weights only.
         quantize=lambda m: quantize_qdq(m, _WithPlaceholders(histograms, m), **common,
                                         exclude_nodes=settings.exclude_nodes)[0],
+        progress=progress,
     )
     seconds: dict[str, float] = {}
     if steps:

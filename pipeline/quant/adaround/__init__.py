@@ -74,9 +74,12 @@ def _db(signal: float, noise: float) -> float | None:
 
 def adaround(
     qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Callable[[], Iterable[dict]],
-    settings: AdaRoundSettings = AdaRoundSettings(),
+    settings: AdaRoundSettings = AdaRoundSettings(), *, progress: bool = False,
 ) -> tuple[onnx.ModelProto, dict]:
-    """(a copy of `qmodel` with learned rounding, the report); see the module docstring."""
+    """(a copy of `qmodel` with learned rounding, the report); see the module docstring. `progress`: a
+    tqdm bar over the layers (not part of the settings: the report stays the same either way)."""
+    from tqdm import tqdm
+
     start = time.perf_counter()
     model = copy_model(qmodel)
     layers, skipped = find_layers(model, float_model, ops=settings.ops)
@@ -85,6 +88,7 @@ def adaround(
     chunks = [[i] for i in range(len(layers))] if settings.quantized_inputs else [list(range(len(layers)))]
     chunks = [c for c in chunks if c]
     rows, stream_seconds = [], 0.0
+    bar = tqdm(total=len(layers), desc="adaround", unit="layer", disable=not progress, leave=False)
     for chunk in chunks:
         part = [layers[i] for i in chunk]
         t0 = time.perf_counter()
@@ -94,6 +98,8 @@ def adaround(
         stream_seconds += time.perf_counter() - t0
         for layer in part:
             rows.append(_round_layer(model, layer, moments.pop(layer.name), settings))
+            bar.update(1)
+    bar.close()
     report = {
         "settings": {k: v for k, v in settings.__dict__.items() if k != "solve"},
         "layers": rows,

@@ -52,7 +52,7 @@ class AdaRound(QuantizedTransform):
             learning_rate=c.learning_rate, regularization=c.regularization, work_limit=c.work_limit,
             ops=tuple(c.ops),
         )
-        model, self._report = adaround(qmodel, float_model, ctx.batches, settings)
+        model, self._report = adaround(qmodel, float_model, ctx.batches, settings, progress=ctx.progress)
         self.seconds = self._report.pop("seconds")
         self.stream_seconds = self._report.pop("stream_seconds")
         for row in self._report["layers"]:

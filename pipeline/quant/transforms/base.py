@@ -56,6 +56,7 @@ class TransformContext:
     batches: Callable[[], Iterable[dict]] | None = None
     samples: int = 128
     quantize: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
+    progress: bool = False  # long steps (AdaRound's layers) show a tqdm bar
 
 
 class Transform(ABC):
