@@ -239,6 +239,7 @@ def test_quantize_stage_applies_the_cnn_preset_where_the_recipe_is_silent(tiny_c
     settings, _ = resolve_settings(silent, model, target, Format.XINT8)  # alignment sees the moved tensors
     assert [n for n, _ in settings.transforms] == [
         "cross_layer_equalization", "bias_absorption", "pow2_alignment", "adaround"]
+    assert dict(settings.transforms)["adaround"]["quantized_inputs"] is True  # XINT8: sequential AdaRound
     settings, _ = resolve_settings(silent, model, target, Format.A8W8)
     assert settings.method == "percentile" and settings.weight_method == "mse" and used["family"] == "cnn"
     explicit = load_recipe(tiny_cnn_recipe(
