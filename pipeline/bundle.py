@@ -183,12 +183,23 @@ def verify_bundle(bundle: Path, *, key: Path | None = None) -> VerifyResult:
 
 
 def _unbatched_inputs(manifest: dict) -> list[str]:
-    """The recipe's inputs without a batch axis (`batch: false`, constants, recurrent states), as the
-    package stage told the batch-one rule; a manifest without a readable recipe has none."""
+    """The recipe's inputs without a batch axis (`InputSpec.has_batch`, the rule the package stage gave
+    the batch-one check); inputs the manifest's recipe does not describe validly count as batched."""
+    from pydantic import ValidationError
+
+    from .modelspec import InputSpec
+
     recipe = manifest.get("recipe")
     inputs = recipe.get("inputs") if isinstance(recipe, dict) else None
-    return [i["name"] for i in inputs or () if isinstance(i, dict) and isinstance(i.get("name"), str)
-            and (i.get("batch") is False or i.get("from_output") is not None or i.get("value") is not None)]
+    found = []
+    for entry in inputs if isinstance(inputs, list) else ():
+        try:
+            spec = InputSpec.model_validate(entry)
+        except ValidationError:
+            continue
+        if not spec.has_batch:
+            found.append(spec.name)
+    return found
 
 
 def read_inputs(path: Path, signature: list[dict]) -> dict[str, np.ndarray]:

@@ -171,3 +171,7 @@ def test_init_then_run_on_a_streaming_audio_model(tmp_path: Path):
     assert "taken for a recurrent state" in result.stdout and "taken for the sample rate" in result.stdout
     run = _invoke(["run", "vad.yaml", "--quiet"], tmp_path)
     assert run.exit_code == 0, run.output
+    # verify agrees with run on the bundle: the state [2, 1, 128] is no batch of 2 for the NPU rules.
+    artifacts = [p for p in tmp_path.glob("**/artifact") if (p / "manifest.json").is_file()]
+    verified = _invoke(["verify", str(artifacts[0])], tmp_path)
+    assert verified.exit_code == 0, verified.output

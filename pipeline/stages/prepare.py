@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.masks import MASK_FLOOR
+from ..core.names import NameAllocator
 from ..core.onnx_io import load_onnx, make_session, model_opset, save_onnx, static_input_shapes
 from ..core.signature import onnx_signature, signature_problems
 from ..data import open_dataset
@@ -114,20 +115,14 @@ def name_nodes(model) -> int:
     """Give every unnamed node, and every node whose name an earlier one took, a unique name
     (`<op>_<index>`): recipes (exclude_nodes), the fallback, placement and the transforms address nodes by
     name, and an exporter may leave them all empty. Returns how many were (re)named."""
-    taken = {n.name for n in model.graph.node if n.name}
+    names = NameAllocator(taken=(n.name for n in model.graph.node))
     seen: set[str] = set()
     renamed = 0
     for index, node in enumerate(model.graph.node):
-        if node.name and node.name not in seen:
-            seen.add(node.name)
-            continue
-        name, k = f"{node.op_type}_{index}", 1
-        while name in taken or name in seen:
-            name, k = f"{node.op_type}_{index}_{k}", k + 1
-        node.name = name
-        seen.add(name)
-        taken.add(name)
-        renamed += 1
+        if not node.name or node.name in seen:
+            node.name = names.fresh(f"{node.op_type}_{index}")
+            renamed += 1
+        seen.add(node.name)
     return renamed
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -59,11 +59,12 @@ class AdaRoundSettings:
     work_limit: float = 1e10
     ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
     seed: int = 0
-    solve: SolveSettings = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "solve", SolveSettings(
-            self.iterations, self.learning_rate, self.regularization, self.warmup, work_limit=self.work_limit))
+    @property
+    def solve(self) -> SolveSettings:
+        """The per-layer solver's share of these settings."""
+        return SolveSettings(self.iterations, self.learning_rate, self.regularization, self.warmup,
+                             work_limit=self.work_limit)
 
 
 def _db(signal: float, noise: float) -> float | None:
@@ -101,7 +102,7 @@ def adaround(
             bar.update(1)
     bar.close()
     report = {
-        "settings": {k: v for k, v in settings.__dict__.items() if k != "solve"},
+        "settings": dict(settings.__dict__),
         "layers": rows,
         "skipped": skipped,
         "adarounded": sum(r["kept"] == "adaround" for r in rows),
