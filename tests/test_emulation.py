@@ -102,7 +102,14 @@ def _quantized_cnn(fmt: Format):
 def test_emulation_is_bit_identical_on_a_cnn_in_every_format(fmt):
     """Conv models: the fast session and the unoptimized graph agree bit for bit (no Q/DQ fused, no
     weight re-quantized), in every integer format including u8s8, which the fused kernels would change."""
+    from pipeline.core.emulation import drop_redundant_activation_pairs
+
     qmodel, batches = _quantized_cnn(Format(fmt))
+    # A ReLU6 reads its input through a pair on its own scale: dropped by the fast session (at least the
+    # first one's: this graph skipped prepare, so its Clip bounds are Constant nodes the quantizer does not
+    # read, and in XINT8 the second pair's power of two differs).
+    nodes = len(qmodel.graph.node)
+    assert len(drop_redundant_activation_pairs(onnx.ModelProto.FromString(qmodel.SerializeToString())).graph.node) <= nodes - 2
     reference = make_session(qmodel.SerializeToString(), optimize=False)
     fast = make_session(qmodel.SerializeToString(), npu_emulation=True)
     for batch in batches:
@@ -146,3 +153,63 @@ def test_emulation_leaves_validation_metrics_unchanged_on_a_transformer_block():
         assert fast["sqnr_db"] == pytest.approx(slow["sqnr_db"], abs=1e-3)
         assert fast["cosine_mean"] == pytest.approx(slow["cosine_mean"], abs=1e-6)
         assert fast["nn_agreement"] == slow["nn_agreement"]
+
+
+def _activation_between_pairs(act: str, dtype: int, scale: float, zero: int, bounds=None) -> onnx.ModelProto:
+    """x -> Q -> DQ -> act -> Q -> DQ, both pairs on one scale and zero point (a fused activation's input)."""
+    np_type = helper.tensor_dtype_to_np_dtype(dtype)
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(zero, np_type), "z")]
+    act_inputs = ["d1"]
+    if bounds is not None:
+        for name, value in zip(("lo", "hi"), bounds):
+            inits.append(numpy_helper.from_array(np.array(value, np.float32), name))
+            act_inputs.append(name)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q1"]),
+             helper.make_node("DequantizeLinear", ["q1", "s", "z"], ["d1"]),
+             helper.make_node(act, act_inputs, ["a"]),
+             helper.make_node("QuantizeLinear", ["a", "s", "z"], ["q2"]),
+             helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4096])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4096])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("case", [
+    ("Relu", TensorProto.INT8, 0.0467, 0, None),
+    ("Clip", TensorProto.INT8, 6.0 / 127, 0, (0.0, 6.0)),          # ReLU6 on its own grid's top
+    ("Clip", TensorProto.INT8, 0.0236, 0, (-3.0, 3.0)),            # bias absorption shifts the bounds
+    ("Clip", TensorProto.UINT8, 0.031, 131, (-0.77, 2.013)),       # bounds off the grid, asymmetric
+    ("Clip", TensorProto.INT16, 1.7e-4, 0, (0.0, 6.0)),
+])
+def test_dropping_the_pair_before_a_fused_activation_is_exact(case):
+    """X -> Q -> DQ -> act -> Q -> DQ equals X -> act -> Q -> DQ value for value, on inputs chosen to hurt:
+    exact rounding midpoints, values next to them, the bounds themselves and beyond the grid."""
+    from pipeline.core.emulation import drop_redundant_activation_pairs
+
+    act, dtype, scale, zero, bounds = case
+    model = _activation_between_pairs(act, dtype, scale, zero, bounds)
+    s = np.float32(scale)
+    steps = np.arange(-300, 300, dtype=np.float32)
+    midpoints = (steps + np.float32(0.5)) * s
+    x = np.concatenate([midpoints, np.nextafter(midpoints, np.float32(np.inf)), np.nextafter(midpoints, np.float32(-np.inf)),
+                        steps * s, np.array([b for b in (bounds or ()) for b in (b, np.nextafter(np.float32(b), np.float32(9)))], np.float32),
+                        np.float32(400) * s * RNG.standard_normal(4096).astype(np.float32)])[:4096].astype(np.float32)
+    reference = make_session(model.SerializeToString(), optimize=False).run(None, {"x": x})[0]
+    dropped = drop_redundant_activation_pairs(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert [n.op_type for n in dropped.graph.node] == [act, "QuantizeLinear", "DequantizeLinear"]
+    got = make_session(dropped.SerializeToString(), optimize=False).run(None, {"x": x})[0]
+    assert np.array_equal(reference.view(np.uint32), got.view(np.uint32))
+
+
+def test_pairs_that_differ_or_are_read_elsewhere_are_kept():
+    from pipeline.core.emulation import drop_redundant_activation_pairs
+
+    other_scale = _activation_between_pairs("Relu", TensorProto.INT8, 0.05, 0)
+    other_scale.graph.initializer.append(numpy_helper.from_array(np.array(0.1, np.float32), "s2"))
+    other_scale.graph.node[3].input[1] = "s2"
+    exposed = _activation_between_pairs("Relu", TensorProto.INT8, 0.05, 0)
+    exposed.graph.output.append(helper.make_tensor_value_info("d1", TensorProto.FLOAT, [4096]))
+    for model in (other_scale, exposed):
+        assert len(drop_redundant_activation_pairs(model).graph.node) == 5

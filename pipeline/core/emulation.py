@@ -5,6 +5,11 @@ semantics (ideal integer arithmetic, what the NPU computes), without paying for 
   DequantizeLinear whose inputs are all initializers becomes a float initializer holding exactly what the
   node computes ((q - zero_point) in integers, converted to float32, times the float32 scale: the same
   IEEE operations as onnxruntime's kernel, checked bit for bit in tests).
+- A Q/DQ pair right before a Relu or a Clip that is followed by a pair with the same scale and zero point
+  is dropped, which is exact (`drop_redundant_activation_pairs`): the quantizer gives a fused
+  activation's input the activation's own scale, so the first pair only rounds what the second rounds again
+  to the same grid. Without it onnxruntime fuses Conv+Clip, and MobileNetV2 loses 35 Q, 35 DQ and 35 Clip
+  passes over its largest tensors.
 - onnxruntime's graph optimizations run up to the extended level, except the transformers that would fuse
   Q/DQ into its integer kernels (QLinearConv, ...) or requantize float weights: those change the numbers
   (the fused u8s8 kernels saturate on x86 without VNNI). The layout level (NCHWc) is left off: it reorders
@@ -21,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["fold_constant_dequantize", "EMULATION_DISABLED_OPTIMIZERS"]
+__all__ = ["fold_constant_dequantize", "drop_redundant_activation_pairs", "EMULATION_DISABLED_OPTIMIZERS"]
 
 # onnxruntime transformers that turn Q/DQ node groups into integer kernels or re-quantize float weights.
 EMULATION_DISABLED_OPTIMIZERS = (
@@ -70,3 +75,73 @@ def fold_constant_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.initializer[:]
     graph.initializer.extend(remaining)
     return folded
+
+
+_INTEGER_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
+
+
+def _scalar(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
+    if name not in inits:
+        return None
+    value = numpy_helper.to_array(inits[name])
+    return value if value.size == 1 else None
+
+
+def drop_redundant_activation_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (edited in place and returned) without the Q/DQ pairs that change nothing:
+    X -> Q1 -> DQ1 -> act -> Q2 -> DQ2, act a Relu or a Clip, Q1 and Q2 of the same per-tensor scale, zero
+    point and type, becomes X -> act -> Q2 -> DQ2.
+
+    Exact, value for value, in float32 as onnxruntime computes it. Q (divide by the scale, round half to
+    even, add the zero point, saturate) is monotone and Q(DQ(q)) == q for every integer q (the round trip
+    is off by under 2.5e-7 relative, far from a half). For any x, with q = Q1(x) and v = DQ1(q): every y
+    between x and v has Q(y) == q (monotone, both ends give q). A clamp maps x and v to the same value, or
+    to values between them (a bound lying between x and v), so Q2(act(v)) == Q2(act(x)). Pairs whose
+    values are graph outputs (a per-layer comparison exposes them) are kept.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                readers.setdefault(name, []).append(node)
+    producer = {o: n for n in graph.node for o in n.output}
+    dropped: set[int] = set()
+    for act in graph.node:
+        if act.op_type not in ("Relu", "Clip") or act.domain not in ("", "ai.onnx") or not act.input:
+            continue
+        dq1 = producer.get(act.input[0])
+        q1 = producer.get(dq1.input[0]) if dq1 is not None and dq1.op_type == "DequantizeLinear" else None
+        after = readers.get(act.output[0], [])
+        if q1 is None or q1.op_type != "QuantizeLinear" or len(after) != 1 or after[0].op_type != "QuantizeLinear":
+            continue
+        q2 = after[0]
+        if (len(readers.get(dq1.output[0], [])) != 1 or len(readers.get(q1.output[0], [])) != 1
+                or dq1.output[0] in outputs or q1.output[0] in outputs):
+            continue
+        if any(n.domain not in ("", "ai.onnx", "com.microsoft") or any(a.name != "axis" for a in n.attribute)
+               for n in (q1, dq1, q2)):
+            continue  # saturate=0 (float8) or blocked Q/DQ: not the integer kernels reasoned about
+        params = [[_scalar(inits, n.input[i]) if len(n.input) > i and n.input[i] else None for i in (1, 2)]
+                  for n in (q1, dq1, q2)]
+        if any(scale is None or zero is None for scale, zero in params):
+            continue
+        (s1, z1), (sd, zd), (s2, z2) = params
+        same = (z1.dtype == zd.dtype == z2.dtype and s1.dtype == sd.dtype == s2.dtype == np.float32
+                and np.array_equal(s1, sd) and np.array_equal(s1, s2) and np.array_equal(z1, zd)
+                and np.array_equal(z1, z2) and float(s1.ravel()[0]) > 0)
+        if not same or inits[q1.input[2]].data_type not in _INTEGER_TYPES:
+            continue
+        act.input[0] = q1.input[0]
+        dropped.update((id(q1), id(dq1)))
+    if dropped:
+        kept = [n for n in graph.node if id(n) not in dropped]
+        del graph.node[:]
+        graph.node.extend(kept)
+        used = {name for node in graph.node for name in node.input} | outputs
+        remaining = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(remaining)
+    return model

@@ -75,10 +75,10 @@ def make_session(model: Path | bytes, *, npu_emulation: bool = False, optimize: 
     if npu_emulation:
         import onnx
 
-        from .emulation import EMULATION_DISABLED_OPTIMIZERS, fold_constant_dequantize
+        from .emulation import EMULATION_DISABLED_OPTIMIZERS, drop_redundant_activation_pairs, fold_constant_dequantize
 
         proto = load_onnx(model, where="model") if isinstance(model, Path) else onnx.ModelProto.FromString(model)
-        source = fold_constant_dequantize(proto).SerializeToString()
+        source = drop_redundant_activation_pairs(fold_constant_dequantize(proto)).SerializeToString()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         disabled = list(EMULATION_DISABLED_OPTIMIZERS)
     elif not optimize:

@@ -63,7 +63,7 @@ def compare_values(float_model, qmodel, batches: Iterable[dict], pairs: dict[str
     `masked`: only positions where the float value is above MASKED_BELOW count.
     """
     names = list(pairs)
-    f_session = make_session(expose_outputs(float_model, names).SerializeToString(), optimize=False)
+    f_session = make_session(expose_outputs(float_model, names).SerializeToString())
     q_session = make_session(expose_outputs(qmodel, [pairs[t] for t in names]).SerializeToString(), npu_emulation=True)
     f_index = {o.name: i for i, o in enumerate(f_session.get_outputs())}
     q_index = {o.name: i for i, o in enumerate(q_session.get_outputs())}

@@ -309,12 +309,16 @@ def quantize_qdq(
             for key in ("lo", "hi", "method"):
                 conv.pop(key)
     for source, out in fused_activation_inputs(model).items():
-        if (source in methods and out in methods and methods[source]["bits"] == methods[out]["bits"]
-                and "int8_copy" not in methods[source]):
+        # The activation's quantization whole, bits included: the NPU's Conv+activation kernel requantizes
+        # once, to the output's type and scale (a 16-bit pre-activation that free_16bit or a fallback chose
+        # would exist only in the graph, and an int8 one on its own range would round twice).
+        if source in methods and out in methods and "int8_copy" not in methods[source]:
             ranges[source] = ranges[out]
-            methods[source] = {**methods[out], "method": f"fused:{methods[out]['method']}"}
-            if out in overrides:
-                overrides[source] = overrides[out]
+            methods[source] = {k: v for k, v in methods[out].items() if k != "int8_copy"}
+            methods[source]["method"] = f"fused:{methods[out]['method']}"
+            shared = [{k: v for k, v in o.items() if k != "convert"} for o in overrides.get(out, [])]
+            if any(shared):
+                overrides[source] = shared
             else:
                 overrides.pop(source, None)
     if weight_method is not None and (spec.per_channel_weights or spec.weight_bits != 8):
