@@ -12,7 +12,7 @@ masked positions clips harmlessly, and would otherwise read as ~0 dB.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,37 +57,37 @@ def quantized_view(qmodel: onnx.ModelProto) -> dict[str, str]:
 
 
 def compare_values(float_model, qmodel, batches: Iterable[dict], pairs: dict[str, str], *,
-                   masked: bool = False) -> dict[str, ErrorSums]:
-    """{float tensor: ErrorSums} of `pairs` (float tensor -> the qmodel value to compare), streamed.
-
-    `masked`: only positions where the float value is above MASKED_BELOW count.
-    """
+                   masked: Collection[str] = ()) -> tuple[dict[str, ErrorSums], dict[str, ErrorSums]]:
+    """({float tensor: ErrorSums} of `pairs` (float tensor -> the qmodel value to compare), and the same for
+    the tensors in `masked` scored only where the float value is above MASKED_BELOW), in one streamed pass."""
     names = list(pairs)
-    f_session = make_session(expose_outputs(float_model, names).SerializeToString())
+    # Unoptimized: onnxruntime 1.32's MatMulAddFusion fails on some rewritten float graphs ("Attempt to
+    # replace the existing tensor", MiniLM after SmoothQuant).
+    f_session = make_session(expose_outputs(float_model, names).SerializeToString(), optimize=False)
     q_session = make_session(expose_outputs(qmodel, [pairs[t] for t in names]).SerializeToString(), npu_emulation=True)
     f_index = {o.name: i for i, o in enumerate(f_session.get_outputs())}
     q_index = {o.name: i for i, o in enumerate(q_session.get_outputs())}
     sums = {t: ErrorSums() for t in names}
+    masked_sums = {t: ErrorSums() for t in masked if t in pairs}
     for batch in batches:
         f_out, q_out = f_session.run(None, batch), q_session.run(None, batch)
         for t in names:
             ref, got = strided(f_out[f_index[t]], LAYER_SAMPLE), strided(q_out[q_index[pairs[t]]], LAYER_SAMPLE)
-            if masked:
-                keep = ref > MASKED_BELOW
-                ref, got = ref[keep], got[keep]
             sums[t].update(ref, got)
-    return sums
+            if t in masked_sums:
+                keep = ref > MASKED_BELOW
+                masked_sums[t].update(ref[keep], got[keep])
+    return sums, masked_sums
 
 
-def layer_errors(float_model, qmodel, batches: Iterable[dict], *, bf16: bool = False) -> list[LayerError]:
-    """SQNR (dB) and cosine of every quantized activation, worst first, over `batches`."""
+def layer_errors(float_model, qmodel, batches: Iterable[dict], *, masked: Collection[str] = ()) -> list[LayerError]:
+    """SQNR (dB) and cosine of every quantized activation, worst first, over `batches`; the tensors in
+    `masked` scored on their unmasked positions."""
     view = quantized_view(qmodel)
-    if bf16:  # bf16 emulation rounds node outputs in place: compare the same names
-        float_names = {o for n in float_model.graph.node for o in n.output}
-        view = {o: o for n in qmodel.graph.node for o in n.output if o in float_names}
     producers = {o: n for n in float_model.graph.node for o in n.output}
     names = sorted(t for t in view if t in producers)
-    sums = compare_values(float_model, qmodel, batches, {t: view[t] for t in names})
+    sums, masked_sums = compare_values(float_model, qmodel, batches, {t: view[t] for t in names}, masked=masked)
+    sums.update(masked_sums)
     results = [LayerError(t, producers[t].name, producers[t].op_type, sums[t].sqnr_db, sums[t].cosine) for t in names]
     return sorted(results, key=lambda e: e.sqnr_db)
 
@@ -102,23 +102,20 @@ def layer_error_report(float_model, qmodel, batches: Sequence[dict], *, bf16: bo
     producers = {o: n for n in float_model.graph.node for o in n.output}
     if bf16:  # layer_errors(bf16=True) would expose integer outputs (mask path) as float: compare floats only
         pairs = {t: t for t in float_values(float_model) & float_values(qmodel)}
-        sums = compare_values(float_model, qmodel, batches, pairs)
+        sums, _ = compare_values(float_model, qmodel, batches, pairs)
         errors = [LayerError(t, producers[t].name, producers[t].op_type, sums[t].sqnr_db, sums[t].cosine)
                   for t in sorted(pairs)]
-        masked = []
+        rescored = set()
     else:
-        errors = layer_errors(float_model, qmodel, batches)
-        view = quantized_view(qmodel)
-        masked = [t for t in masked_softmax_inputs(float_model) if t in view]
-    rescored = compare_values(float_model, qmodel, batches, {t: view[t] for t in masked}, masked=True) if masked else {}
+        rescored = set(masked_softmax_inputs(float_model)) & set(quantized_view(qmodel))
+        errors = layer_errors(float_model, qmodel, batches, masked=rescored)
     order = {o: i for i, n in enumerate(float_model.graph.node) for o in n.output}
     layers = []
     for e in errors:
         entry = {"tensor": e.tensor, "producer": e.producer, "op_type": e.op_type, "order": order.get(e.tensor, -1),
                  "sqnr_db": round(e.sqnr_db, 4), "cosine": round(e.cosine, 6)}
         if e.tensor in rescored:
-            entry.update(sqnr_db=round(rescored[e.tensor].sqnr_db, 4), cosine=round(rescored[e.tensor].cosine, 6),
-                         note=f"additive attention mask: positions below {MASKED_BELOW:g} (masked) excluded")
+            entry["note"] = f"additive attention mask: positions below {MASKED_BELOW:g} (masked) excluded"
         layers.append(entry)
     layers.sort(key=lambda x: (x["sqnr_db"], x["tensor"]))
     return {"samples": len(batches), "layers": layers}
