@@ -337,3 +337,36 @@ def test_update_speed_report():
     per_call = (time.perf_counter() - start) / (20 * 100) * 1e6
     print(f"\nStatsCollector.update, 4096-value sample: {per_call:.1f} us per call")
     assert collector.count == 20
+
+
+def test_fused_activation_inputs_are_not_measured_and_take_the_activations_quantization():
+    """Conv -> Relu -> Clip(0, 6) -> Conv: calibration skips the two values only an activation reads (the
+    quantizer gives them the last activation's range, bits and scale, as the NPU's fused kernel
+    requantizes once), and the 16-bit promotion free_16bit would give the Conv output does not split them."""
+    from onnx import helper, numpy_helper
+
+    from pipeline.core.formats import Format
+    from pipeline.quant.qdq import quantize_qdq
+    from pipeline.quant.statistics import collect_histograms
+    from pipeline.targets import get_target
+    from tests.graph_builders import tiny_model
+
+    rng = np.random.default_rng(3)
+    inits = {"w1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "b1": np.zeros(8, np.float32),
+             "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32),
+             "w2": rng.standard_normal((4, 8, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Clip", ["r", "lo", "hi"], ["a"]),
+             helper.make_node("Conv", ["a", "w2"], ["y"])]
+    model = tiny_model(nodes, inits, [("x", [1, 3, 8, 8])], ["y"])
+    batches = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(6)]
+    stats = collect_histograms(model, batches, progress=False)
+    assert "c" not in stats and "r" not in stats and {"a", "y", "x"} <= set(stats.names)
+    qmodel, ranges, _ = quantize_qdq(model, stats, target=get_target("xdna2"), fmt=Format.A8W8, method="minmax",
+                                     promote={"c": 16, "r": 16})
+    assert ranges["c"]["method"] == ranges["r"]["method"] == "fused:minmax"
+    assert ranges["c"]["bits"] == ranges["r"]["bits"] == 8 and ranges["c"]["hi"] == ranges["a"]["hi"]
+    inits = {t.name: numpy_helper.to_array(t) for t in qmodel.graph.initializer}
+    scales = {n.input[0]: float(inits[n.input[1]]) for n in qmodel.graph.node if n.op_type == "QuantizeLinear"}
+    assert scales["c"] == scales["a"]

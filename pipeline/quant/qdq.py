@@ -308,11 +308,15 @@ def quantize_qdq(
             methods[name]["int8_copy"] = {k: v for k, v in conv.items() if k in ("lo", "hi", "method")}
             for key in ("lo", "hi", "method"):
                 conv.pop(key)
-    for source, out in fused_activation_inputs(model).items():
+    fused = fused_activation_inputs(model)
+    for source, out in fused.items():
         # The activation's quantization whole, bits included: the NPU's Conv+activation kernel requantizes
         # once, to the output's type and scale (a 16-bit pre-activation that free_16bit or a fallback chose
-        # would exist only in the graph, and an int8 one on its own range would round twice).
-        if source in methods and out in methods and "int8_copy" not in methods[source]:
+        # would exist only in the graph, and an int8 one on its own range would round twice). Calibration
+        # does not measure these inputs (`collect_histograms`). Conv -> Relu -> Clip: the last one's.
+        while out in fused:
+            out = fused[out]
+        if out in methods and "int8_copy" not in methods.get(source, {}):
             ranges[source] = ranges[out]
             methods[source] = {k: v for k, v in methods[out].items() if k != "int8_copy"}
             methods[source]["method"] = f"fused:{methods[out]['method']}"

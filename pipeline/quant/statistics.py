@@ -286,11 +286,17 @@ def _flush(collector: StatsCollector, names: list[str], pending: list[list]) -> 
 
 
 def collect_histograms(model: onnx.ModelProto, data, *, progress: bool = True) -> StatsCollector:
-    """Histograms of every float activation of `model` over `data` (one streaming pass)."""
+    """Histograms of every float activation of `model` over `data` (one streaming pass), except the inputs
+    of fused activations (Conv -> Relu/Clip, `fused_activation_inputs`): quantization gives those their
+    activation's range whatever the method or format, and leaving them untapped lets onnxruntime fuse
+    Conv+activation in the instrumented graph (MobileNetV2: 35 of 101 tensors, 1.6x faster)."""
+    from .qdq import fused_activation_inputs
+
     tensors = activation_tensors(model)
     if not tensors:
         raise StageError("calibrate: the prepared model has no float activations to calibrate")
+    fused = fused_activation_inputs(model)
     service = StatisticsService(model)
-    service.request_histograms(tensors)
+    service.request_histograms({name: shape for name, shape in tensors.items() if name not in fused})
     total = len(data) if hasattr(data, "__len__") else None
     return service.collect(data, progress=progress, total=total, desc="calibrate").histograms

@@ -4,6 +4,7 @@ Statistics are computed inside the graph by the statistics service (`pipeline.qu
 float activation the exact min and max and a strided subsample feeding a fixed-size histogram, so memory
 does not grow with the number of samples. They are gathered for every float activation, whatever the
 format: quantize can then be rerun with another format or range method without running the model again.
+The exception, also format-independent: a value only a Relu/Clip reads takes that activation's range.
 """
 
 from __future__ import annotations
@@ -47,4 +48,6 @@ class CalibrateStage(Stage):
         atomic_write(
             out / "tensors.json", dump_json({"samples": len(data), "tensors": tensors, "aliases": aliases})
         )
-        return {"samples": len(data), "tensors": len(tensors), "measured": len(tensors) - len(aliases)}
+        # collector: the measured tensors and the aliases' copies; the rest are fused activations' inputs.
+        return {"samples": len(data), "tensors": len(tensors), "measured": len(collector.names) - len(aliases),
+                "fused_inputs": len(tensors) - len(collector.names)}
