@@ -33,7 +33,7 @@ from .guard import GuardConfig, GuardResult, find_mixed_ranges
 from .histogram import StatsCollector
 from .mac_share import mac_shares
 from .output_ranges import output_error_ranges
-from .qdq import quantize_qdq
+from .qdq import fused_activation_inputs, quantize_qdq
 from .statistics import activation_tensors, collect_histograms
 from .transforms import TransformContext, TransformResult, apply_transforms, make_transforms
 
@@ -186,5 +186,7 @@ def _sixteen_bit_base(model, histograms: StatsCollector, transforms: TransformRe
     promote = set(transforms.promote16) if transforms is not None else set()
     wide = set(transforms.wide_nodes) if transforms is not None else set()
     if settings.free_16bit:
-        promote |= set(histograms.names)
+        # The values only a Relu/Clip reads are not measured (they take the activation's quantization), but
+        # the plan must see them: a layout op before one (Reshape -> Relu) keeps its source at their width.
+        promote |= set(histograms.names) | set(fused_activation_inputs(model))
     return frozenset(promote), frozenset(wide)
