@@ -320,3 +320,46 @@ def test_a_preset_fills_only_what_the_recipe_left_out_in_compare_variants_and_th
     assert "quantize   " in result.output and "quantize   cached" not in result.output
     used = json.loads((path.parent / "run" / "quantize" / "stage.json").read_text())["metrics"]["settings"]
     assert used["activation_method"] == "minmax"
+
+
+def test_layer_errors_reduced_in_one_graph_equal_numpy_on_every_value():
+    """compare_values runs both models side by side and sums inside the graph; the same sums in numpy over
+    every value of the exposed tensors (masked rescoring included), and models of other opsets refused
+    into the exposing path, which agrees too."""
+    from pipeline.core.metrics import ErrorSums
+    from pipeline.core.onnx_io import expose_outputs, make_session
+    from pipeline.quant.layer_error import compare_values, layer_errors, quantized_view
+
+    model = _residual_block()
+    batches = list(_batches(6, (1, 3, 6, 6))())
+    stats = collect_histograms(model, batches, progress=False)
+    qmodel, _, _ = quantize_qdq(model, stats, target=get_target("xdna2"), fmt=Format.A8W8, method="minmax")
+    view = quantized_view(qmodel)
+    pairs = {t: view[t] for t in ("t", "re", "rd", "cp")}
+    sums, masked = compare_values(model, qmodel, batches, pairs, masked=["cp"])
+    f_session = make_session(expose_outputs(model, list(pairs)).SerializeToString(), optimize=False)
+    q_session = make_session(expose_outputs(qmodel, list(pairs.values())).SerializeToString(), optimize=False)
+    f_names, q_names = [o.name for o in f_session.get_outputs()], [o.name for o in q_session.get_outputs()]
+    want = {t: ErrorSums() for t in pairs}
+    want_masked = ErrorSums()
+    for batch in batches:
+        f_out = dict(zip(f_names, f_session.run(None, batch)))
+        q_out = dict(zip(q_names, q_session.run(None, batch)))
+        for t, v in pairs.items():
+            want[t].update(f_out[t], q_out[v])
+        keep = f_out["cp"] > -1e3  # MASKED_BELOW: nothing here is masked, so the same sums again
+        want_masked.update(f_out["cp"][keep], q_out[pairs["cp"]][keep])
+    for t in pairs:
+        assert sums[t].sqnr_db == pytest.approx(want[t].sqnr_db, abs=1e-3), t
+        assert sums[t].cosine == pytest.approx(want[t].cosine, abs=1e-6), t
+        assert sums[t].max_abs == pytest.approx(want[t].max_abs, rel=1e-5), t
+    assert masked["cp"].sqnr_db == pytest.approx(want_masked.sqnr_db, abs=1e-3)
+    other_opset = type(qmodel)()
+    other_opset.CopyFrom(qmodel)
+    for opset in other_opset.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 19
+    exposed, _ = compare_values(model, other_opset, batches, pairs)
+    assert all(exposed[t].sqnr_db == pytest.approx(want[t].sqnr_db, abs=0.05) for t in pairs)
+    # The ReLU6 inputs are quantized on the ReLU6's range: not layers of their own in the ranking.
+    assert {e.tensor for e in layer_errors(model, qmodel, batches)} & {"ce", "cd"} == set()

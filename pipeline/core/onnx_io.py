@@ -60,9 +60,11 @@ def model_opset(model) -> int:
     return 0
 
 
-def make_session(model: Path | bytes, *, npu_emulation: bool = False, optimize: bool = True, threads: int = 0):
+def make_session(model: Path | bytes, *, npu_emulation: bool = False, optimize: bool = True, threads: int = 0,
+                 disabled_optimizers: Sequence[str] = ()):
     """A CPU-EP session. `npu_emulation`: Q/DQ kept as float ops with their exact semantics, constant
-    weights dequantized once (`pipeline.core.emulation`); `optimize=False`: no graph optimization at all."""
+    weights dequantized once (`pipeline.core.emulation`); `optimize=False`: no graph optimization at all;
+    `disabled_optimizers`: onnxruntime transformers to leave out besides."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -70,7 +72,7 @@ def make_session(model: Path | bytes, *, npu_emulation: bool = False, optimize: 
     threads = threads or int(os.environ.get(THREADS_ENV, "0") or 0)
     if threads:
         options.intra_op_num_threads = threads
-    disabled: list[str] = []
+    disabled: list[str] = list(disabled_optimizers)
     source = str(model) if isinstance(model, Path) else model
     if npu_emulation:
         import onnx
@@ -80,7 +82,7 @@ def make_session(model: Path | bytes, *, npu_emulation: bool = False, optimize: 
         proto = load_onnx(model, where="model") if isinstance(model, Path) else onnx.ModelProto.FromString(model)
         source = drop_redundant_activation_pairs(fold_constant_dequantize(proto)).SerializeToString()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        disabled = list(EMULATION_DISABLED_OPTIMIZERS)
+        disabled += EMULATION_DISABLED_OPTIMIZERS
     elif not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
