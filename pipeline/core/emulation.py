@@ -67,14 +67,19 @@ def fold_constant_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
             kept.append(node)
     if not made:
         return folded
+    graph.initializer.extend(made)
+    _keep_nodes(graph, kept)
+    return folded
+
+
+def _keep_nodes(graph: onnx.GraphProto, kept: list[onnx.NodeProto]) -> None:
+    """`graph` with only the `kept` nodes, and only the initializers they or the graph outputs read."""
     del graph.node[:]
     graph.node.extend(kept)
-    graph.initializer.extend(made)
-    used = {name for node in graph.node for name in node.input} | outputs
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     remaining = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(remaining)
-    return folded
 
 
 _INTEGER_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
@@ -137,11 +142,5 @@ def drop_redundant_activation_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
         act.input[0] = q1.input[0]
         dropped.update((id(q1), id(dq1)))
     if dropped:
-        kept = [n for n in graph.node if id(n) not in dropped]
-        del graph.node[:]
-        graph.node.extend(kept)
-        used = {name for node in graph.node for name in node.input} | outputs
-        remaining = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(remaining)
+        _keep_nodes(graph, [n for n in graph.node if id(n) not in dropped])
     return model

@@ -27,8 +27,8 @@ from ..core.shapes import float_values
 from ..core.side_by_side import SideBySideError, side_by_side
 from .qdq import fused_activation_inputs
 
-# Per-layer SQNR is a ranking: a strided subsample of this many values per tensor and sample estimates it
-# (a 112x112x96 MobileNet activation has 1.2M values; scoring all of them cost more than running the models).
+# Where the two models cannot share a graph (`_compare_exposed`), a strided subsample of this many values per
+# tensor and sample estimates the sums (a 112x112x96 MobileNet activation has 1.2M values to copy out).
 LAYER_SAMPLE = 1 << 16
 
 __all__ = [
