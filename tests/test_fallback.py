@@ -328,3 +328,30 @@ def test_layer_error_report_in_bf16_skips_integer_tensors():
     report = layer_error_report(model, emulate_bf16(model), batches, bf16=True)
     names = {l["tensor"] for l in report["layers"]}
     assert names == {"uf", "m", "y"} and all(20 < l["sqnr_db"] <= 200 for l in report["layers"])
+
+
+def test_value_ranking_leaves_out_the_inputs_of_fused_activations():
+    """A Conv output only a ReLU6 reads takes the ReLU6's quantization whatever it is promoted to: the
+    fallback must not spend steps promoting it (scored on the ReLU6's range, it would always rank first)."""
+    from pipeline.core.formats import Format
+    from pipeline.quant.fallback.heldout import HeldOutFallback
+    from pipeline.quant.qdq import quantize_qdq
+    from pipeline.quant.statistics import collect_histograms
+    from pipeline.targets import get_target
+
+    from .test_cnn_quant import _batches, _residual_block
+
+    model = _residual_block()
+    batches = list(_batches(6, (1, 3, 6, 6))())
+    stats = collect_histograms(model, batches, progress=False)
+    target = get_target("xdna2")
+
+    def quantize(config):
+        return quantize_qdq(model, stats, target=target, fmt=Format.A8W8, method="minmax",
+                            promote={t: 16 for t in config.promote})
+
+    search = HeldOutFallback(model, model, quantize, target, Format.A8W8, batches, "test", [], "regression",
+                             None, settings=None)
+    search._base = quantize(FallbackConfig())
+    ranked = {t for group in search._rank_values() for t in group}
+    assert "t" in ranked and not ranked & {"ce", "cd"}  # t: the residual Add reads it; ce, cd: only a ReLU6

@@ -18,6 +18,7 @@ from ...core.tasks import gate_holds, plan_outputs
 from ...inspect import inspect_model
 from ..layer_error import local_sqnr, node_sqnr_drop, quantized_view
 from ..mac_share import mac_shares
+from ..qdq import fused_activation_inputs
 from .search import FallbackConfig, FallbackResult, SearchSpace, search
 from .shares import compute_shares, value_groups
 
@@ -149,7 +150,10 @@ class HeldOutFallback:
     def _rank_values(self) -> list[list[str]]:
         qmodel, ranges, _ = self._base
         view = quantized_view(qmodel)
-        quantized = {t: r for t, r in ranges.items() if t in view}
+        # A fused activation's input takes the activation's quantization whatever it is promoted to (qdq):
+        # promoting it buys nothing, and scored on the activation's range it would always rank first.
+        fused = fused_activation_inputs(self.model)
+        quantized = {t: r for t, r in ranges.items() if t in view and t not in fused}
         masked = masked_softmax_inputs(self.model)
         scores = local_sqnr(self.model, quantized, self.batches[: self.ranking_samples], masked=masked)
         groups = value_groups(self.model, quantized)
