@@ -31,6 +31,7 @@ class CalibrateStage(Stage):
     after = ("prepare",)
     outputs = ("tensors.json",)
     optional_outputs = ("stats.npz",)  # absent when the format needs no statistics (BF16)
+    revision = 2  # 2: the inputs of fused activations (Conv -> Relu/Clip) are not measured
 
     def extra_key(self, ctx: RunContext) -> dict:
         return {**dataset_fingerprint(ctx.recipe, "calibration"), "needed": _needs_statistics(ctx)}
@@ -44,10 +45,9 @@ class CalibrateStage(Stage):
         collector = collect_histograms(model, data, progress=ctx.progress)
         collector.save(out / "stats.npz")
         tensors = activation_tensors(model)
-        aliases = permuted_aliases(model, tensors)
-        atomic_write(
-            out / "tensors.json", dump_json({"samples": len(data), "tensors": tensors, "aliases": aliases})
-        )
-        # collector: the measured tensors and the aliases' copies; the rest are fused activations' inputs.
+        aliases = {a: t for a, t in permuted_aliases(model, tensors).items() if a in collector}
+        fused = sorted(t for t in tensors if t not in collector)  # only a Relu/Clip reads them (see above)
+        atomic_write(out / "tensors.json", dump_json({"samples": len(data), "tensors": tensors, "aliases": aliases,
+                                                      "fused_activation_inputs": fused}))
         return {"samples": len(data), "tensors": len(tensors), "measured": len(collector.names) - len(aliases),
-                "fused_inputs": len(tensors) - len(collector.names)}
+                "fused_inputs": len(fused)}

@@ -37,15 +37,20 @@ _META = ("task", "dtype", "shape", "samples", "not_measured")
 # The CPU-EP column is a deployment hint, not the NPU's figure: a subset keeps validation near the cost of
 # running the two models it compares.
 CPU_EP_SAMPLES = 64
-# Samples held at once (with their float outputs): up to CHUNK, and no more than CHUNK_BYTES of inputs.
+# Samples held at once: up to CHUNK, and no more than CHUNK_BYTES of inputs, nor of float outputs.
 CHUNK, CHUNK_BYTES = 64, 64 << 20
 
 
+def _nbytes(values) -> int:
+    return sum(getattr(v, "nbytes", 0) for v in values)
+
+
 def _chunks(data):
+    """The samples in lists of up to CHUNK, and no more than CHUNK_BYTES of inputs."""
     chunk, size = [], 0
     for batch in data:
         chunk.append(batch)
-        size += sum(getattr(v, "nbytes", 0) for v in batch.values())
+        size += _nbytes(batch.values())
         if len(chunk) == CHUNK or size >= CHUNK_BYTES:
             yield chunk
             chunk, size = [], 0
@@ -65,7 +70,8 @@ class ValidateStage(Stage):
     after = ("prepare", "quantize")
     # 2: per-layer errors (layer_errors.json); BF16 fallback nodes emulated
     # 3: every output by name, task registry, worst channel and dead channels
-    revision = 3
+    # 4: per-layer errors over every value (side by side), fused activations' inputs not ranked
+    revision = 4
     outputs = ("metrics.json", "layer_errors.json")
 
     def extra_key(self, ctx: RunContext) -> dict:
@@ -90,21 +96,32 @@ class ValidateStage(Stage):
         cpu = plan.evaluators() if cpu_session is not None else None
         runs = 0
         bar = tqdm(total=len(data), desc="validate", unit="sample", disable=not ctx.progress, leave=False)
-        for chunk in _chunks(data):
+
+        def compare(chunk: list[tuple[dict, list]]) -> None:
             # Each session over the whole chunk in turn: alternating sessions sample by sample leaves the
             # previous one's threads spinning against the next (MobileNetV2: 1.7x slower than in turn).
-            refs = [float_session.run(None, batch) for batch in chunk]
-            for offset, ref in enumerate(refs):
-                _check_finite(names, ref, runs + offset, data.description)
-            for ref, batch in zip(refs, chunk):
+            for batch, ref in chunk:
                 for name, r, g in zip(names, ref, npu_session.run(None, batch)):
                     npu[name].update(r, g)
             if cpu is not None:
-                for ref, batch in zip(refs[:max(0, CPU_EP_SAMPLES - runs)], chunk):
+                for batch, ref in chunk[:max(0, CPU_EP_SAMPLES - (runs - len(chunk)))]:
                     for name, r, c in zip(names, ref, cpu_session.run(None, batch)):
                         cpu[name].update(r, c)
-            runs += len(chunk)
             bar.update(len(chunk))
+
+        for batches in _chunks(data):  # decoded first: decoding between runs leaves threads spinning too
+            chunk, size = [], 0
+            for batch in batches:
+                ref = float_session.run(None, batch)
+                _check_finite(names, ref, runs, data.description)
+                chunk.append((batch, ref))
+                runs += 1
+                size += _nbytes(ref)
+                if size >= CHUNK_BYTES:
+                    compare(chunk)
+                    chunk, size = [], 0
+            if chunk:
+                compare(chunk)
         bar.close()
         labels = data.labels
         if labels is not None and plan.task == "classification":
