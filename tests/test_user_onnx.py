@@ -94,6 +94,15 @@ def _randomize_batchnorm(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+def seeded(cls: type[nn.Module]) -> nn.Module:
+    """`cls()` with weights that do not depend on what ran before in the process (the suite's order: the
+    test passed or failed by it). Seed 1: on these random inputs, some draws (seeds 0, 2) give SmallNet
+    output logits that vary by less than one int8 step, which the dead-channel gate rightly fails; these
+    tests are about intake (opsets, dynamic dims, BatchNorm), the gate has tests of its own."""
+    torch.manual_seed(1)
+    return cls()
+
+
 def export_torch(module: nn.Module, path: Path, *, opset: int, size: int, outputs: list[str]) -> Path:
     torch.manual_seed(0)
     dynamic = {"x": {0: "N", 2: "H", 3: "W"}, **{o: {0: "N"} for o in outputs}}
@@ -189,11 +198,11 @@ def _user_recipe(tmp_path: Path, model: Path, *, size: int, target: str, fmt: st
 
 
 CASES = {
-    "torch-opset11": (lambda p: export_torch(SmallNet(), p, opset=11, size=16, outputs=["y"]), 16, {}),
-    "torch-opset12": (lambda p: export_torch(SmallNet(), p, opset=12, size=16, outputs=["y"]), 16, {}),
+    "torch-opset11": (lambda p: export_torch(seeded(SmallNet), p, opset=11, size=16, outputs=["y"]), 16, {}),
+    "torch-opset12": (lambda p: export_torch(seeded(SmallNet), p, opset=12, size=16, outputs=["y"]), 16, {}),
     "handwritten-opset11": (handwritten_cnn, 16, {}),
     "detection-head-opset12": (
-        lambda p: export_torch(DetectionHead(), p, opset=12, size=32, outputs=["boxes", "scores"]),
+        lambda p: export_torch(seeded(DetectionHead), p, opset=12, size=32, outputs=["boxes", "scores"]),
         32, {"task": "regression", "output": "scores"},
     ),
 }
