@@ -167,7 +167,7 @@ def layer_error_report(float_model, qmodel, batches: Sequence[dict], *, bf16: bo
     `bf16`: `qmodel` is a bfloat16-rounding copy; every float node output is compared by name.
     """
     producers = {o: n for n in float_model.graph.node for o in n.output}
-    if bf16:  # layer_errors(bf16=True) would expose integer outputs (mask path) as float: compare floats only
+    if bf16:  # the bf16 copy rounds node outputs in place: compare the float values both have, by name
         pairs = {t: t for t in float_values(float_model) & float_values(qmodel)}
         sums, _ = compare_values(float_model, qmodel, batches, pairs)
         errors = [LayerError(t, producers[t].name, producers[t].op_type, sums[t].sqnr_db, sums[t].cosine)

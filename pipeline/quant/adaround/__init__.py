@@ -86,8 +86,10 @@ def adaround(
     layers, skipped = find_layers(model, float_model, ops=settings.ops)
     shapes = {k: list(v) for k, v in static_shapes(float_model).items()}
     # Quantized inputs: one pass per layer, so that each sees its predecessors final (module docstring).
-    chunks = [[i] for i in range(len(layers))] if settings.quantized_inputs else [list(range(len(layers)))]
-    chunks = [c for c in chunks if c]
+    if settings.quantized_inputs:
+        chunks = [[i] for i in range(len(layers))]
+    else:
+        chunks = [list(range(len(layers)))] if layers else []
     rows, stream_seconds = [], 0.0
     bar = tqdm(total=len(layers), desc="adaround", unit="layer", disable=not progress, leave=False)
     for chunk in chunks:

@@ -160,6 +160,7 @@ def collect_moments(
     qsession = None
     wanted = [l.output for l in layers]
     q_exposed = list(dict.fromkeys(l.input for l in layers))  # two layers may read one DQ output
+    q_position = {name: i for i, name in enumerate(q_exposed)}
     if quantized_inputs:
         qsession = make_session(expose_outputs(qmodel, q_exposed, replace=True).SerializeToString(),
                                 npu_emulation=True)
@@ -185,7 +186,7 @@ def collect_moments(
         ys = [values[position[l.output]] for l in layers]
         if qsession is not None:
             q_values = qsession.run(None, {k: v for k, v in batch.items() if k in q_inputs})
-            xs = [q_values[q_exposed.index(l.input)] for l in layers]
+            xs = [q_values[q_position[l.input]] for l in layers]
         else:
             xs = [values[position[l.float_input]] for l in layers]
         for number, (layer, x, y) in enumerate(zip(layers, xs, ys)):
