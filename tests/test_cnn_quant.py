@@ -20,6 +20,7 @@ from pipeline.quant.transforms.layers import WeightLayer
 from pipeline.quant.weight_ranges import rounding_error, weight_scale
 from pipeline.targets import get_target
 
+from .graph_builders import conv_relu_chain
 from .graph_builders import run_unoptimized as _run
 from .graph_builders import tiny_model as _model
 
@@ -170,16 +171,7 @@ def test_adaround_on_quantized_inputs_goes_layer_by_layer_and_does_not_overcorre
     """Three convolutions with 8-bit activations: with inputs from the QDQ model each layer's rounding and
     bias correction also absorb the upstream error, which is right only when every layer sees its
     predecessors already corrected (one pass per layer); the result must beat float-input AdaRound."""
-    rng = np.random.default_rng(5)
-    inits, nodes, x = {}, [], "x"
-    for i, (cin, cout) in enumerate([(3, 8), (8, 8), (8, 4)]):
-        inits[f"w{i}"] = rng.standard_normal((cout, cin, 3, 3)) * 0.4
-        inits[f"b{i}"] = rng.standard_normal(cout) * 0.3 + 0.2  # biased: a mean error to correct
-        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"))
-        out = "y" if i == 2 else f"r{i}"
-        nodes.append(helper.make_node("Relu", [f"c{i}"], [out], name=f"relu{i}"))
-        x = out
-    model = _model(nodes, inits, [("x", [1, 3, 8, 8])], ["y"])
+    model = conv_relu_chain()
     batches = _batches(24, (1, 3, 8, 8), seed=7)
     nearest = _quantized(model, batches, "a8w8")
     floats, _ = adaround(nearest, model, batches, AdaRoundSettings(iterations=200, samples=24))

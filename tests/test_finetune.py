@@ -15,6 +15,7 @@ from pipeline.quant.qdq import quantize_qdq
 from pipeline.quant.statistics import collect_histograms
 from pipeline.targets import get_target
 
+from .graph_builders import conv_relu_chain
 from .graph_builders import run_unoptimized as _run
 from .graph_builders import tiny_model as _model
 
@@ -122,16 +123,7 @@ def test_finetune_gains_on_a_model_whose_activation_noise_adds_up():
     """Three int8 convolutions in a row: the rounding noise of each layer's activations reaches the output,
     which layer-wise methods do not see; fine-tuning against the output recovers part of it on samples it
     did not train on."""
-    rng = np.random.default_rng(5)
-    inits, nodes, x = {}, [], "x"
-    for i, (cin, cout) in enumerate([(3, 8), (8, 8), (8, 4)]):
-        inits[f"w{i}"] = rng.standard_normal((cout, cin, 3, 3)) * 0.4
-        inits[f"b{i}"] = rng.standard_normal(cout) * 0.3 + 0.2
-        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"))
-        out = "y" if i == 2 else f"r{i}"
-        nodes.append(helper.make_node("Relu", [f"c{i}"], [out], name=f"relu{i}"))
-        x = out
-    model = _model(nodes, inits, [("x", [1, 3, 8, 8])], ["y"])
+    model = conv_relu_chain()
     batches = _data(48, (1, 3, 8, 8), seed=7)
     qmodel = _quantized(model, batches, "a8w8")
     tuned, report = finetune(qmodel, model, batches, FinetuneSettings(epochs=8, samples=48, batch=4, check_samples=12))
