@@ -169,3 +169,17 @@ def test_finetune_runs_in_the_quantize_stage_from_a_recipe(tiny_cnn_recipe, tmp_
     with pytest.raises(Exception, match="learning_rate"):
         load_recipe(tiny_cnn_recipe(quantization={
             "target": "xdna2", "format": "a8w8", "transforms": [{"finetune": {"learning_rate": -1}}]}))
+
+
+def test_finetune_refuses_a_torch_evaluation_that_does_not_match_onnxruntime(monkeypatch):
+    """If the torch evaluation of some operator were wrong, training would tune another model: the one-sample
+    check against onnxruntime catches it and the model is left as it was (a deliberately wrong Relu here)."""
+    from pipeline.quant.finetune import torch_graph
+
+    model = conv_relu_chain()
+    batches = _data(16, (1, 3, 8, 8), seed=7)
+    qmodel = _quantized(model, batches, "a8w8")
+    monkeypatch.setitem(torch_graph._EVALUATORS, "Relu", lambda node, args: args[0])
+    tuned, report = finetune(qmodel, model, batches, FinetuneSettings(epochs=1, samples=16))
+    assert tuned is qmodel and report["kept"] == "original"
+    assert "does not reproduce" in report["skipped"]
