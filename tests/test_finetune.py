@@ -128,6 +128,7 @@ def test_finetune_gains_on_a_model_whose_activation_noise_adds_up():
     qmodel = _quantized(model, batches, "a8w8")
     tuned, report = finetune(qmodel, model, batches, FinetuneSettings(epochs=8, samples=48, batch=4, check_samples=12))
     assert report["kept"] == "finetuned", report
+    assert report["stacked"]  # no batch-1 shape baked in: samples run stacked
     fresh = list(_data(32, (1, 3, 8, 8), seed=11)())
     before = np.mean([_sqnr(_run(model, f)[0], _run(qmodel, f)[0]) for f in fresh])
     after = np.mean([_sqnr(_run(model, f)[0], _run(tuned, f)[0]) for f in fresh])
@@ -183,3 +184,20 @@ def test_finetune_refuses_a_torch_evaluation_that_does_not_match_onnxruntime(mon
     tuned, report = finetune(qmodel, model, batches, FinetuneSettings(epochs=1, samples=16))
     assert tuned is qmodel and report["kept"] == "original"
     assert "does not reproduce" in report["skipped"]
+
+
+def test_samples_are_stacked_only_where_the_model_gives_each_its_own_outputs():
+    from pipeline.quant.finetune import _stacks
+
+    rng = np.random.default_rng(2)
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1])
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)), "b": np.zeros(4), "shape": np.array([1, -1])}
+    batches = _data(8, (1, 3, 6, 6), seed=1)
+    # A Reshape to [1, -1]: two stacked samples would come out as one row of both.
+    baked = _model([conv, helper.make_node("Reshape", ["c", "shape"], ["y"], name="reshape")], inits,
+                   [("x", [1, 3, 6, 6])], ["y"])
+    baked.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.array([1, -1], np.int64), "shape"))
+    flat = _model([conv, helper.make_node("Flatten", ["c"], ["y"], name="flatten")], inits, [("x", [1, 3, 6, 6])], ["y"])
+    feeds = list(batches())[:2]
+    assert not _stacks(QDQTorchGraph(_quantized(baked, batches, "a8w8")), feeds)
+    assert _stacks(QDQTorchGraph(_quantized(flat, batches, "a8w8")), feeds)

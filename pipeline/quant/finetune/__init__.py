@@ -7,10 +7,10 @@ the activation rounding noise of a hundred layers adds up at the outputs. This s
 the QDQ model runs as a torch function (`torch_graph.QDQTorchGraph`, fake quantization with the
 straight-through estimator, the same numerics as the NPU emulation), and its integer weights and biases
 (held as floats in grid steps) are trained by Adam with a one-cycle schedule to bring its outputs closer to
-the float model's on the streamed calibration samples (loss: each output's error power over its signal
-power, so outputs of different scales weigh alike). Samples are streamed every epoch, one at a time
-(gradients accumulated over `batch`), the float targets computed as they come: memory does not grow with
-`samples`.
+the float model's on the streamed calibration samples (loss: each output's error power over its mean
+signal power, so outputs of different scales weigh alike). Samples are streamed every epoch, `batch` at a
+time (stacked on axis 0 when the model allows it, checked on two samples; else one by one with gradients
+accumulated), the float targets computed as they come: memory does not grow with `samples`.
 
 It does not keep what it learned unless that carries over to samples it did not train on: the last
 `check_samples` of the streamed samples (at most a quarter of them) are held out, the output SQNR of the
@@ -32,7 +32,7 @@ check means more. So no preset has it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 
@@ -93,6 +93,43 @@ def _torch_agreement(graph: QDQTorchGraph, qmodel: onnx.ModelProto, names: list[
     return float("inf") if noise == 0 else 10.0 * np.log10(max(signal, 1e-30) / noise)
 
 
+def _groups(feeds: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    group: list[dict] = []
+    for feed in feeds:
+        group.append(feed)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _stack(feeds: list[dict]) -> dict:
+    return feeds[0] if len(feeds) == 1 else {k: np.concatenate([f[k] for f in feeds], axis=0) for k in feeds[0]}
+
+
+def _stacks(graph: QDQTorchGraph, feeds: list[dict]) -> bool:
+    """True when the torch evaluation of samples stacked on axis 0 gives each sample's own outputs (a
+    model with batch-1 shapes baked into a Reshape does not): checked on two samples."""
+    import torch
+
+    if len(feeds) < 2 or any(np.ndim(v) == 0 or np.shape(v)[0] != 1 for v in feeds[0].values()):
+        return False
+    try:
+        with torch.no_grad():
+            together = [t.numpy() for t in graph(_stack(feeds[:2]))]
+            apart = [np.concatenate([t.numpy() for t in outs], axis=0) for outs in zip(*(graph(f) for f in feeds[:2]))]
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return False
+    for a, b in zip(together, apart):
+        if a.shape != b.shape:
+            return False
+        noise = float(np.sum((a.astype(np.float64) - b) ** 2))
+        if noise and 10.0 * np.log10(max(float(np.sum(b.astype(np.float64) ** 2)), 1e-30) / noise) < _REPRODUCED_DB:
+            return False
+    return True
+
+
 def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Callable[[], Iterable[dict]],
              settings: FinetuneSettings, *, progress: bool = False) -> tuple[onnx.ModelProto, dict]:
     """`qmodel` with fine-tuned integers (or `qmodel` itself, unchanged) and the report (module docstring)."""
@@ -133,6 +170,14 @@ def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Cal
         return qmodel, report
     before = _output_sqnr(qmodel, float_session, names, check)
 
+    # Each output's mean signal power per sample: the loss is the error power over it, so outputs of
+    # different scales weigh alike and every sample by its own error (not its share of a batch's signal).
+    power = {name: 0.0 for name in names}
+    for feed in check:
+        for name, want in zip(names, float_session.run(names, feed)):
+            power[name] += float(np.sum(want.astype(np.float64) ** 2)) / len(check)
+    stacked = _stacks(graph, check[:2])
+
     parameters = graph.parameters()
     optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate)
     steps_per_epoch = -(-seen // settings.batch)
@@ -146,23 +191,25 @@ def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Cal
     losses = []
     try:
         for _ in range(settings.epochs):
-            total, count = 0.0, 0
-            for index, feed in enumerate(islice(batches(), seen)):
-                wanted = float_session.run(names, feed)
-                loss = 0.0
-                for got, want in zip(graph(feed), wanted):
-                    target = torch.from_numpy(want)
-                    loss = loss + torch.sum((got - target) ** 2) / torch.clamp(torch.sum(target ** 2), min=1e-12)
-                (loss / settings.batch).backward()
-                total += float(loss.detach())
-                count += 1
-                if (index + 1) % settings.batch == 0 or index + 1 == seen:
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    schedule.step()
+            total = 0.0
+            for group in _groups(islice(batches(), seen), settings.batch):
+                # One forward pass for the group when the model takes samples stacked on axis 0 (checked
+                # once, `_stacks`); else one per sample, gradients accumulated.
+                parts = [group] if stacked else [[feed] for feed in group]
+                for part in parts:
+                    wanted = [np.concatenate(outs, axis=0) for outs in
+                              zip(*(float_session.run(names, feed) for feed in part))]
+                    loss = 0.0
+                    for name, got, want in zip(names, graph(_stack(part)), wanted):
+                        loss = loss + torch.sum((got - torch.from_numpy(want)) ** 2) / max(power[name], 1e-30)
+                    (loss / len(group)).backward()
+                    total += float(loss.detach())
+                optimizer.step()
+                optimizer.zero_grad()
+                schedule.step()
                 if bar is not None:
-                    bar.update(1)
-            losses.append(round(-10.0 * np.log10(max(total / max(count, 1), 1e-30)), 3))
+                    bar.update(len(group))
+            losses.append(round(-10.0 * np.log10(max(total / seen, 1e-30)), 3))
     finally:
         if bar is not None:
             bar.close()
@@ -170,7 +217,7 @@ def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Cal
     after = _output_sqnr(tuned, float_session, names, check)
     kept = after > before
     report.update(
-        samples=seen, held_out=held_out, parameters=int(sum(p.numel() for p in parameters)), tensors=len(graph.learned),
+        samples=seen, held_out=held_out, stacked=stacked, parameters=int(sum(p.numel() for p in parameters)), tensors=len(graph.learned),
         epoch_sqnr_db=losses, check_sqnr_db_before=round(before, 3), check_sqnr_db_after=round(after, 3),
         kept="finetuned" if kept else "original",
     )
