@@ -18,8 +18,8 @@ emulated QDQ model (onnxruntime, the numerics validate uses) on them is measured
 fine-tuned integers are kept only when it went up. (Checked on the training samples themselves, a too
 large learning rate on MobileNetV2 gained 0.2 dB there and lost 6 dB on the validation crops.) A model with
 an operator the torch evaluation does not reproduce is left as it was and the report says which; so is one
-whose torch evaluation, checked against onnxruntime's on one sample first, does not agree to 35 dB
-(training it would tune another model). Scales, zero points and the graph are never changed, so NPU rules
+whose torch evaluation, checked against onnxruntime's on a few held-out samples first, is not as close to
+the float model as onnxruntime's (training it would tune another model). Scales, zero points and the graph are never changed, so NPU rules
 that held still hold.
 
 It generalizes only as far as the calibration data does. MobileNetV2 A8W8 (the shipped recipe plus
@@ -69,28 +69,47 @@ def _output_sqnr(model: onnx.ModelProto, float_session, names: list[str], feeds:
     return 10.0 * np.log10(max(signal, 1e-30) / noise)
 
 
-# The torch evaluation and onnxruntime differ only by float accumulation order (a value at a rounding
-# midpoint may land one step apart): far above the quantization error. Below this, something is not
-# evaluated alike (a dtype, an attribute), and training on it would tune another model.
-_REPRODUCED_DB = 35.0
+# The torch evaluation and onnxruntime differ by float accumulation order, and on a deep network that is
+# not small: a value at a rounding midpoint lands one step apart, and the flip travels (MobileNetV2 A8W8:
+# the two agree to 16.7 dB, as far apart as each is from the float model). What must hold is that both are
+# equally far from the float model and no further from each other than that: an operator evaluated wrong
+# moves the torch evaluation away from the float model by much more.
+_SAME_ERROR_DB = 1.5
+_APART_DB = 3.0
+_AGREEMENT_SAMPLES = 8
+_STACKED_DB = 10.0
 
 
-def _torch_agreement(graph: QDQTorchGraph, qmodel: onnx.ModelProto, names: list[str], feed: dict) -> float:
-    """SQNR (dB) of the torch evaluation against onnxruntime's emulation on one sample (-inf if it fails)."""
+def _sqnr_db(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
+    noise = sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for r, o in zip(reference, other))
+    signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
+    return float("inf") if noise == 0 else 10.0 * np.log10(max(signal, 1e-30) / noise)
+
+
+def _torch_agreement(graph: QDQTorchGraph, qmodel: onnx.ModelProto, float_session, names: list[str],
+                     feeds: list[dict]) -> str | None:
+    """None when the torch evaluation reproduces onnxruntime's emulation (see above) on `feeds`, else why not."""
     import torch
 
     session = make_session(qmodel.SerializeToString(), npu_emulation=True)
-    try:
-        with torch.no_grad():
-            got = [t.numpy().astype(np.float64) for t in graph(feed)]
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:  # shapes or dtypes torch refuses
-        raise Unsupported(f"the torch evaluation fails: {err}".splitlines()[0]) from None
-    want = [w.astype(np.float64) for w in session.run(names, feed)]
-    if any(g.shape != w.shape for g, w in zip(got, want)):
-        return float("-inf")
-    noise = sum(float(np.sum((g - w) ** 2)) for g, w in zip(got, want))
-    signal = sum(float(np.sum(w ** 2)) for w in want)
-    return float("inf") if noise == 0 else 10.0 * np.log10(max(signal, 1e-30) / noise)
+    ours, theirs, floats = [], [], []
+    for feed in feeds:
+        try:
+            with torch.no_grad():
+                got = [t.numpy() for t in graph(feed)]
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:  # shapes or dtypes torch refuses
+            raise Unsupported(f"the torch evaluation fails: {err}".splitlines()[0]) from None
+        want = session.run(names, feed)
+        if any(g.shape != w.shape for g, w in zip(got, want)):
+            return "the torch evaluation gives other output shapes than onnxruntime"
+        ours += got
+        theirs += want
+        floats += float_session.run(names, feed)
+    emulated, torch_db, apart = _sqnr_db(floats, theirs), _sqnr_db(floats, ours), _sqnr_db(theirs, ours)
+    if abs(torch_db - emulated) > _SAME_ERROR_DB or apart < min(emulated, torch_db) - _APART_DB:
+        return (f"the torch evaluation does not reproduce the emulated model (against the float model "
+                f"{torch_db:.1f} dB, onnxruntime's {emulated:.1f} dB; {apart:.1f} dB apart)")
+    return None
 
 
 def _groups(feeds: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -121,13 +140,11 @@ def _stacks(graph: QDQTorchGraph, feeds: list[dict]) -> bool:
             apart = [np.concatenate([t.numpy() for t in outs], axis=0) for outs in zip(*(graph(f) for f in feeds[:2]))]
     except (RuntimeError, ValueError, TypeError, IndexError):
         return False
-    for a, b in zip(together, apart):
-        if a.shape != b.shape:
-            return False
-        noise = float(np.sum((a.astype(np.float64) - b) ** 2))
-        if noise and 10.0 * np.log10(max(float(np.sum(b.astype(np.float64) ** 2)), 1e-30) / noise) < _REPRODUCED_DB:
-            return False
-    return True
+    if any(a.shape != b.shape for a, b in zip(together, apart)):
+        return False
+    # Stacked, torch may accumulate in another order, and a rounding flip travels (see above); samples
+    # mixed into each other would be far further off.
+    return _sqnr_db(apart, together) >= _STACKED_DB
 
 
 def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Callable[[], Iterable[dict]],
@@ -160,13 +177,11 @@ def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Cal
     seen = available - held_out
     check = list(islice(batches(), seen, available))
     try:
-        agreement = _torch_agreement(graph, qmodel, names, check[0])
+        mismatch = _torch_agreement(graph, qmodel, float_session, names, check[:_AGREEMENT_SAMPLES])
     except Unsupported as why:
-        report.update(kept="original", skipped=f"not fine-tuned: {why}")
-        return qmodel, report
-    if agreement < _REPRODUCED_DB:
-        report.update(kept="original", skipped="not fine-tuned: the torch evaluation does not reproduce the "
-                      f"emulated model ({agreement:.1f} dB against onnxruntime, needs {_REPRODUCED_DB:.0f})")
+        mismatch = str(why)
+    if mismatch:
+        report.update(kept="original", skipped=f"not fine-tuned: {mismatch}")
         return qmodel, report
     before = _output_sqnr(qmodel, float_session, names, check)
 
