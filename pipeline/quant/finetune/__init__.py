@@ -144,7 +144,7 @@ def _stacks(graph: QDQTorchGraph, feeds: list[dict]) -> bool:
         return False
     # Stacked, torch may accumulate in another order, and a rounding flip travels (see above); samples
     # mixed into each other would be far further off.
-    return _sqnr_db(apart, together) >= _STACKED_DB
+    return bool(_sqnr_db(apart, together) >= _STACKED_DB)
 
 
 def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Callable[[], Iterable[dict]],
@@ -230,7 +230,7 @@ def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Cal
             bar.close()
     tuned = graph.write_back()
     after = _output_sqnr(tuned, float_session, names, check)
-    kept = after > before
+    kept = bool(after > before)
     report.update(
         samples=seen, held_out=held_out, stacked=stacked, parameters=int(sum(p.numel() for p in parameters)), tensors=len(graph.learned),
         epoch_sqnr_db=losses, check_sqnr_db_before=round(before, 3), check_sqnr_db_after=round(after, 3),
