@@ -113,6 +113,11 @@ def _torch_agreement(graph: QDQTorchGraph, qmodel: onnx.ModelProto, float_sessio
     return None
 
 
+def _rounded(db: float) -> float | None:
+    """A figure for the (JSON) report: None where the error was exactly zero."""
+    return round(float(db), 3) if np.isfinite(db) else None
+
+
 def _groups(feeds: Iterable[dict], size: int) -> Iterator[list[dict]]:
     group: list[dict] = []
     for feed in feeds:
@@ -213,8 +218,8 @@ def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Cal
                 # once, `_stacks`); else one per sample, gradients accumulated.
                 parts = [group] if stacked else [[feed] for feed in group]
                 for part in parts:
-                    wanted = [np.concatenate(outs, axis=0) for outs in
-                              zip(*(float_session.run(names, feed) for feed in part))]
+                    wanted = (float_session.run(names, part[0]) if len(part) == 1 else
+                              [np.concatenate(outs, axis=0) for outs in zip(*(float_session.run(names, f) for f in part))])
                     loss = 0.0
                     for name, got, want in zip(names, graph(_stack(part)), wanted):
                         loss = loss + torch.sum((got - torch.from_numpy(want)) ** 2) / max(power[name], 1e-30)
@@ -234,7 +239,7 @@ def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Cal
     kept = bool(after > before)
     report.update(
         samples=seen, held_out=held_out, stacked=stacked, parameters=int(sum(p.numel() for p in parameters)), tensors=len(graph.learned),
-        epoch_sqnr_db=losses, check_sqnr_db_before=round(before, 3), check_sqnr_db_after=round(after, 3),
+        epoch_sqnr_db=losses, check_sqnr_db_before=_rounded(before), check_sqnr_db_after=_rounded(after),
         kept="finetuned" if kept else "original",
     )
     return (tuned if kept else qmodel), report
