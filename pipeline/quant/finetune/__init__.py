@@ -40,6 +40,7 @@ from itertools import islice
 import numpy as np
 import onnx
 
+from ...core.metrics import ErrorSums
 from ...core.onnx_io import make_session
 from .torch_graph import QDQTorchGraph, Unsupported
 
@@ -56,18 +57,19 @@ class FinetuneSettings:
     check_samples: int = 64
 
 
-def _output_sqnr(model: onnx.ModelProto, float_session, names: list[str], feeds: list[dict]) -> float:
-    """The emulated QDQ model's SQNR (dB) against the float model, every output's error and signal summed."""
+def _emulated_outputs(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> list[list[np.ndarray]]:
+    """`model`'s outputs `names` on each feed, in onnxruntime's emulation (the numerics validate uses)."""
     session = make_session(model.SerializeToString(), npu_emulation=True)
-    signal = noise = 0.0
-    for feed in feeds:
-        for got, want in zip(session.run(names, feed), float_session.run(names, feed)):
-            want64 = want.astype(np.float64)
-            signal += float(np.sum(want64 ** 2))
-            noise += float(np.sum((got.astype(np.float64) - want64) ** 2))
-    if noise == 0.0:
-        return float("inf")
-    return 10.0 * np.log10(max(signal, 1e-30) / noise)
+    return [session.run(names, feed) for feed in feeds]
+
+
+def _sqnr(reference: list[list[np.ndarray]], other: list[list[np.ndarray]]) -> float:
+    """SQNR (dB) of `other` against `reference`, per sample lists of outputs, every error and signal summed."""
+    sums = ErrorSums()
+    for ref_outputs, other_outputs in zip(reference, other):
+        for ref, got in zip(ref_outputs, other_outputs):
+            sums.update(ref, got)
+    return sums.sqnr_db
 
 
 # The torch evaluation and onnxruntime differ by float accumulation order, and on a deep network that is
@@ -81,41 +83,28 @@ _AGREEMENT_SAMPLES = 8
 _STACKED_DB = 10.0
 
 
-def _sqnr_db(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
-    noise = sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for r, o in zip(reference, other))
-    signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
-    return float("inf") if noise == 0 else 10.0 * np.log10(max(signal, 1e-30) / noise)
-
-
-def _torch_agreement(graph: QDQTorchGraph, qmodel: onnx.ModelProto, float_session, names: list[str],
+def _torch_agreement(graph: QDQTorchGraph, floats: list[list[np.ndarray]], emulated: list[list[np.ndarray]],
                      feeds: list[dict]) -> str | None:
-    """None when the torch evaluation reproduces onnxruntime's emulation (see above) on `feeds`, else why not."""
+    """None when the torch evaluation reproduces onnxruntime's emulation (`emulated`, the float model's
+    outputs `floats`; see above) on `feeds`, else why not."""
     import torch
 
-    session = make_session(qmodel.SerializeToString(), npu_emulation=True)
-    ours, theirs, floats = [], [], []
-    for feed in feeds:
+    ours = []
+    for feed, want in zip(feeds, emulated):
         try:
             with torch.no_grad():
                 got = [t.numpy() for t in graph(feed)]
         except (RuntimeError, ValueError, TypeError, IndexError) as err:  # shapes or dtypes torch refuses
             raise Unsupported(f"the torch evaluation fails: {err}".splitlines()[0]) from None
-        want = session.run(names, feed)
         if any(g.shape != w.shape for g, w in zip(got, want)):
             return "the torch evaluation gives other output shapes than onnxruntime"
-        ours += got
-        theirs += want
-        floats += float_session.run(names, feed)
-    emulated, torch_db, apart = _sqnr_db(floats, theirs), _sqnr_db(floats, ours), _sqnr_db(theirs, ours)
-    if abs(torch_db - emulated) > _SAME_ERROR_DB or apart < min(emulated, torch_db) - _APART_DB:
+        ours.append(got)
+    floats, emulated = floats[:len(ours)], emulated[:len(ours)]
+    reproduced, torch_db, apart = _sqnr(floats, emulated), _sqnr(floats, ours), _sqnr(emulated, ours)
+    if abs(torch_db - reproduced) > _SAME_ERROR_DB or apart < min(reproduced, torch_db) - _APART_DB:
         return (f"the torch evaluation does not reproduce the emulated model (against the float model "
-                f"{torch_db:.1f} dB, onnxruntime's {emulated:.1f} dB; {apart:.1f} dB apart)")
+                f"{torch_db:.1f} dB, onnxruntime's {reproduced:.1f} dB; {apart:.1f} dB apart)")
     return None
-
-
-def _rounded(db: float) -> float | None:
-    """A figure for the (JSON) report: None where the error was exactly zero."""
-    return round(float(db), 3) if np.isfinite(db) else None
 
 
 def _groups(feeds: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -150,7 +139,7 @@ def _stacks(graph: QDQTorchGraph, feeds: list[dict]) -> bool:
         return False
     # Stacked, torch may accumulate in another order, and a rounding flip travels (see above); samples
     # mixed into each other would be far further off.
-    return bool(_sqnr_db(apart, together) >= _STACKED_DB)
+    return bool(_sqnr([apart], [together]) >= _STACKED_DB)
 
 
 def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Callable[[], Iterable[dict]],
@@ -182,21 +171,23 @@ def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Cal
         return qmodel, report
     seen = available - held_out
     check = list(islice(batches(), seen, available))
+    # The held-out samples' float outputs and the emulated model's, once: the check before, the loss
+    # normalisation and the torch evaluation's agreement all read them.
+    check_floats = [float_session.run(names, feed) for feed in check]
+    emulated = _emulated_outputs(qmodel, names, check)
     try:
-        mismatch = _torch_agreement(graph, qmodel, float_session, names, check[:_AGREEMENT_SAMPLES])
+        mismatch = _torch_agreement(graph, check_floats, emulated, check[:_AGREEMENT_SAMPLES])
     except Unsupported as why:
         mismatch = str(why)
     if mismatch:
         report.update(kept="original", skipped=f"not fine-tuned: {mismatch}")
         return qmodel, report
-    before = _output_sqnr(qmodel, float_session, names, check)
+    before = _sqnr(check_floats, emulated)
 
     # Each output's mean signal power per sample: the loss is the error power over it, so outputs of
     # different scales weigh alike and every sample by its own error (not its share of a batch's signal).
-    power = {name: 0.0 for name in names}
-    for feed in check:
-        for name, want in zip(names, float_session.run(names, feed)):
-            power[name] += float(np.sum(want.astype(np.float64) ** 2)) / len(check)
+    power = {name: sum(float(np.sum(outputs[i].astype(np.float64) ** 2)) for outputs in check_floats) / len(check)
+             for i, name in enumerate(names)}
     stacked = _stacks(graph, check[:2])
 
     parameters = graph.parameters()
@@ -235,11 +226,11 @@ def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Cal
         if bar is not None:
             bar.close()
     tuned = graph.write_back()
-    after = _output_sqnr(tuned, float_session, names, check)
+    after = _sqnr(check_floats, _emulated_outputs(tuned, names, check))
     kept = bool(after > before)
     report.update(
         samples=seen, held_out=held_out, stacked=stacked, parameters=int(sum(p.numel() for p in parameters)), tensors=len(graph.learned),
-        epoch_sqnr_db=losses, check_sqnr_db_before=_rounded(before), check_sqnr_db_after=_rounded(after),
+        epoch_sqnr_db=losses, check_sqnr_db_before=round(before, 3), check_sqnr_db_after=round(after, 3),
         kept="finetuned" if kept else "original",
     )
     return (tuned if kept else qmodel), report

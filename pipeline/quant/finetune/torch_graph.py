@@ -18,6 +18,8 @@ raises `Unsupported` naming it, and the caller leaves the model as it was. Shape
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import torch
@@ -89,7 +91,6 @@ class QDQTorchGraph:
         self.constants: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self.nodes = list(graph.node)
         self.outputs = [o.name for o in graph.output]
-        self.inputs = [i.name for i in graph.input if i.name not in self.constants]
         for node in self.nodes:
             qdq = node.op_type in ("QuantizeLinear", "DequantizeLinear")
             if node.domain not in ("", "ai.onnx") and not (qdq and node.domain == "com.microsoft"):
@@ -121,6 +122,20 @@ class QDQTorchGraph:
             scale = self.constants[node.input[1]]
             zero = self.constants[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros((), q.dtype)
             self.learned[node.output[0]] = _Learned(node, q, scale, zero, unit)
+        # Built once, not per forward pass: each activation Q/DQ pair's grid (checked here), the float
+        # constants as tensors, and the constant DequantizeLinears that are not learned, dequantized.
+        self.grids: dict[str, _Grid] = {}
+        for node in self.nodes:
+            if node.op_type == "QuantizeLinear":
+                self.grids[node.output[0]] = _Grid(node, self.constants)
+            elif node.op_type == "DequantizeLinear" and node.input[0] in self.grids:
+                self.grids[node.input[0]].check_reader(node, self.constants)
+        self.fixed: dict[str, torch.Tensor] = {
+            name: torch.from_numpy(value.copy()) for name, value in self.constants.items() if value.dtype.kind == "f"}
+        for node in self.nodes:
+            if (node.op_type == "DequantizeLinear" and node.output[0] not in self.learned
+                    and all(n in self.constants for n in node.input if n)):
+                self.fixed[node.output[0]] = torch.from_numpy(_dequantize(node, self.constants))
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [learned.param for learned in self.learned.values()]
@@ -129,29 +144,25 @@ class QDQTorchGraph:
         env: dict[str, object] = {name: torch.from_numpy(np.asarray(value)) for name, value in feeds.items()}
 
         def get(name: str):
-            if name in env:
-                return env[name]
-            if name in self.constants:
-                value = self.constants[name]
-                env[name] = torch.from_numpy(value.copy()) if value.dtype.kind == "f" else value
-                return env[name]
+            for source in (env, self.fixed, self.constants):  # non-float constants (shapes) stay numpy
+                if name in source:
+                    return source[name]
             raise Unsupported(f"value {name!r} has no producer")
 
         for node in self.nodes:
             out = node.output[0]
             if out in self.learned:
                 env[out] = self.learned[out].value()
+            elif out in self.fixed or node.op_type == "Constant":
+                continue
             elif node.op_type == "QuantizeLinear":
-                env[out] = _Quantized(node, get(node.input[0]), self.constants)
+                env[out] = _Quantized(self.grids[out], get(node.input[0]))
             elif node.op_type == "DequantizeLinear":
                 source = get(node.input[0])
-                if isinstance(source, _Quantized):
-                    env[out] = source.fake(self.constants, node)
-                elif all(n in self.constants for n in node.input if n):
-                    env[out] = torch.from_numpy(_dequantize(node, self.constants))
-                else:
+                if not isinstance(source, _Quantized):
                     raise Unsupported(f"DequantizeLinear {node.name!r} reads an integer input of the model")
-            elif node.op_type != "Constant":
+                env[out] = source.grid.fake(source.value)
+            else:
                 args = [get(n) if n else None for n in node.input]
                 if any(isinstance(a, _Quantized) for a in args):
                     raise Unsupported(f"node {node.name!r} reads a quantized integer tensor directly")
@@ -183,33 +194,49 @@ def _dequantize(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> np.nd
     return ((q.astype(np.int64) - zero).astype(np.float32) * scale).astype(np.float32)
 
 
-class _Quantized:
-    """A QuantizeLinear's output, kept as its float input until the DequantizeLinear that reads it."""
+class _Grid:
+    """An activation's QuantizeLinear grid (scale, zero point, integer range), checked once: constants,
+    no attribute but `axis`, an integer type, and every DequantizeLinear reading it on the same grid."""
 
-    def __init__(self, node: onnx.NodeProto, value: torch.Tensor, constants: dict[str, np.ndarray]) -> None:
+    def __init__(self, node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> None:
         if len(node.input) < 3 or not node.input[2] or node.input[1] not in constants or node.input[2] not in constants:
             raise Unsupported(f"QuantizeLinear {node.name!r}: scale and zero point must be constants")
         if any(a.name not in ("axis",) for a in node.attribute):
             raise Unsupported(f"QuantizeLinear {node.name!r}: attribute {node.attribute[0].name}")
-        self.value, self.node = value, node
+        self.node = node
         zero = constants[node.input[2]]
         if zero.dtype.kind not in "iu":
             raise Unsupported(f"QuantizeLinear {node.name!r}: {zero.dtype} output")
-        rank = value.dim()
-        axis = _attr(node, "axis", 1)
-        self.scale = torch.tensor(_axis_shape(constants[node.input[1]].astype(np.float32), axis, rank))
-        self.zero = torch.tensor(_axis_shape(zero.astype(np.float32), axis, rank))
+        self.axis = _attr(node, "axis", 1)
+        self.scale_values = constants[node.input[1]].astype(np.float32)
+        self.zero_values = zero.astype(np.float32)
+        self.scale, self.zero = torch.tensor(self.scale_values), torch.tensor(self.zero_values)
         info = np.iinfo(zero.dtype)
         self.low, self.high = float(info.min), float(info.max)
 
-    def fake(self, constants: dict[str, np.ndarray], dq: onnx.NodeProto) -> torch.Tensor:
+    def check_reader(self, dq: onnx.NodeProto, constants: dict[str, np.ndarray]) -> None:
         same = (dq.input[1] == self.node.input[1] or np.array_equal(constants.get(dq.input[1]), constants[self.node.input[1]]))
         zero_same = (len(dq.input) > 2 and (dq.input[2] == self.node.input[2]
                                             or np.array_equal(constants.get(dq.input[2]), constants[self.node.input[2]])))
         if not (same and zero_same):
             raise Unsupported(f"DequantizeLinear {dq.name!r} does not use its QuantizeLinear's scale and zero point")
-        q = torch.clamp(_ste_round(self.value / self.scale) + self.zero, self.low, self.high)
-        return (q - self.zero) * self.scale
+
+    def fake(self, value: torch.Tensor) -> torch.Tensor:
+        """Quantize and dequantize `value` on this grid (straight-through rounding)."""
+        scale, zero = self.scale, self.zero
+        if self.scale_values.size > 1:  # per axis: broadcast along `axis` of this value
+            scale = torch.from_numpy(_axis_shape(self.scale_values, self.axis, value.dim()))
+            zero = torch.from_numpy(_axis_shape(self.zero_values, self.axis, value.dim()))
+        q = torch.clamp(_ste_round(value / scale) + zero, self.low, self.high)
+        return (q - zero) * scale
+
+
+@dataclass
+class _Quantized:
+    """A QuantizeLinear's output, kept as its float input until the DequantizeLinear that reads it."""
+
+    grid: _Grid
+    value: torch.Tensor
 
 
 def _ints(value) -> list[int]:
