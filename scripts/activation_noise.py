@@ -15,14 +15,14 @@ samples, then the same with:
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from pipeline.core.onnx_io import make_session
+from pipeline.core.metrics import ErrorSums
+from pipeline.core.onnx_io import copy_model, make_session
 from pipeline.data import open_dataset
 from pipeline.recipe import load_recipe
 
@@ -30,13 +30,15 @@ from pipeline.recipe import load_recipe
 def _sqnr(model: onnx.ModelProto, data: list[dict], ref: np.ndarray) -> float:
     session = make_session(model.SerializeToString(), npu_emulation=True)
     out = np.concatenate([session.run(None, b)[0] for b in data])
-    return float(10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum()))
+    sums = ErrorSums()
+    sums.update(ref, out)
+    return sums.sqnr_db
 
 
 def _bypassed(model: onnx.ModelProto, pairs: list[onnx.NodeProto]) -> onnx.ModelProto:
     """`model` with the given activation Q nodes and their DQs replaced by Identity (float passes through)."""
     qs = {q.output[0]: q.input[0] for q in pairs}
-    m = copy.deepcopy(model)
+    m = copy_model(model)
     nodes = []
     for node in m.graph.node:
         if node.op_type == "QuantizeLinear" and node.output[0] in qs:
@@ -89,7 +91,7 @@ def main() -> None:
             source = producer[source].input[0]
         if source in stream and inits[node.input[2]].dtype == np.int8:
             targets[node.output[0]] = (node, source)
-    exposed = copy.deepcopy(float_model)
+    exposed = copy_model(float_model)
     names = sorted({s for _, s in targets.values()})
     exposed.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
     session = make_session(exposed.SerializeToString())
@@ -100,7 +102,7 @@ def main() -> None:
         for n in names:
             per_channel = np.abs(values[n]).max(axis=tuple(a for a in range(values[n].ndim) if a != 1))
             peak[n] = np.maximum(peak.get(n, 0), per_channel)
-    oracle = copy.deepcopy(q)
+    oracle = copy_model(q)
     readers = {}
     for node in oracle.graph.node:
         if node.op_type == "DequantizeLinear":
