@@ -201,3 +201,15 @@ def test_samples_are_stacked_only_where_the_model_gives_each_its_own_outputs():
     feeds = list(batches())[:2]
     assert not _stacks(QDQTorchGraph(_quantized(baked, batches, "a8w8")), feeds)
     assert _stacks(QDQTorchGraph(_quantized(flat, batches, "a8w8")), feeds)
+
+
+def test_a_fine_tune_that_breaks_the_model_is_not_kept():
+    """A learning rate of 50 grid steps wrecks the weights: the held-out check sees the collapse and the
+    quantized model comes back as it was, with the figures in the report (never a silent pass)."""
+    model = conv_relu_chain()
+    batches = _data(32, (1, 3, 8, 8), seed=7)
+    qmodel = _quantized(model, batches, "a8w8")
+    tuned, report = finetune(qmodel, model, batches,
+                             FinetuneSettings(epochs=2, samples=32, batch=4, learning_rate=50.0, check_samples=8))
+    assert report["kept"] == "original" and tuned is qmodel
+    assert report["check_sqnr_db_after"] < report["check_sqnr_db_before"] - 10
