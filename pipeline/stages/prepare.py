@@ -8,7 +8,10 @@ changes no float result but gives the mask path a range an integer format can re
 inputs that are initializers (old exporters list every weight as an input; onnxruntime then treats the
 weights as overridable and folds nothing); shape inference; onnxruntime's basic graph optimizations
 (constant folding, Conv+BatchNorm and Conv+Add fusion, redundant node removal), which emit standard ONNX
-ops only; then `fold_batchnorm` for the BatchNormalization nodes onnxruntime leaves. The result is run
+ops only; then `fold_batchnorm` for the BatchNormalization nodes onnxruntime leaves; then fewer
+quantization points (`pipeline.core.fusions`): a decomposed hardswish/hardsigmoid becomes the one op when
+the recipe's target runs that op in its format, and constant Mul/Add/Sub/Div beside a Conv go into its
+weights and bias (nodes named in `quantization.exclude_nodes` are left as they are). The result is run
 against the exported model on one calibration sample, so a broken rewrite fails here, not three stages
 later.
 """
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.fusions import fold_conv_affine, fuse_hard_activations
 from ..core.masks import MASK_FLOOR
 from ..core.names import NameAllocator
 from ..core.onnx_io import load_onnx, make_session, model_opset, save_onnx, static_input_shapes
@@ -234,8 +238,12 @@ class PrepareStage(Stage):
     name = "prepare"
     sections = ("inputs", "export")
     after = ("export",)
-    revision = 4  # 2: initializer inputs dropped, leftover BatchNorm folded; 3: constant inputs folded, -1 dims; 4: every node named
+    revision = 5  # 2: initializer inputs dropped, leftover BatchNorm folded; 3: constant inputs folded, -1 dims; 4: every node named; 5: hard activations fused, affine ops folded into Convs
     outputs = ("model.onnx",)
+
+    def extra_key(self, ctx: RunContext) -> dict:
+        return {"fused_hard_activations": _fused_hard_activations(ctx.recipe),
+                "keep_nodes": sorted(ctx.recipe.quantization.exclude_nodes)}
 
     def run(self, ctx: RunContext, out: Path) -> dict:
         import onnx
@@ -269,8 +277,11 @@ class PrepareStage(Stage):
         staged.unlink()
         final = onnx.shape_inference.infer_shapes(onnx.load(str(optimized)), data_prop=True)
         batchnorm = fold_batchnorm(final)
+        keep = recipe.quantization.exclude_nodes
+        hard = fuse_hard_activations(final, keep, ops=_fused_hard_activations(recipe))
+        affine = fold_conv_affine(final, keep)
         named = name_nodes(final)
-        if batchnorm["folded"] or batchnorm["to_depthwise_conv"]:
+        if batchnorm["folded"] or batchnorm["to_depthwise_conv"] or any(hard.values()) or any(affine.values()):
             del final.graph.value_info[:]
             final = onnx.shape_inference.infer_shapes(final, data_prop=True)
         save_onnx(final, optimized)
@@ -294,10 +305,19 @@ class PrepareStage(Stage):
             "batchnorm_folded": batchnorm["folded"],
             "batchnorm_to_depthwise_conv": batchnorm["to_depthwise_conv"],
             "batchnorm_left": leftover_bn,
+            "hard_activations_fused": hard,
+            "affine_folded_into_conv": affine,
             "nodes_named": named,
             "max_abs_diff_vs_export": max_diff,
             "op_histogram": dict(sorted(ops.items())),
         }
+
+
+def _fused_hard_activations(recipe: Recipe) -> list[str]:
+    """The hard activations the recipe's target runs as one op in its format (XDNA2 A8W8: HardSwish and
+    HardSigmoid; XINT8: HardSwish; A16W8 and BF16: neither, and there the decomposed ops stay on the NPU)."""
+    target, fmt = recipe.target_and_format()
+    return [op for op in ("HardSwish", "HardSigmoid") if target.runs(op, fmt)]
 
 
 def _ort_basic_optimize(source: Path, target: Path) -> None:
