@@ -175,3 +175,32 @@ def test_init_then_run_on_a_streaming_audio_model(tmp_path: Path):
     artifacts = [p for p in tmp_path.glob("**/artifact") if (p / "manifest.json").is_file()]
     verified = _invoke(["verify", str(artifacts[0])], tmp_path)
     assert verified.exit_code == 0, verified.output
+
+
+def test_init_guesses_recognizer_and_text_map_tasks_and_leaves_the_range_method_to_the_preset(tmp_path: Path):
+    """A `[N, T, C]` softmax is a CTC recognizer and a `[N, 1, H, W]` sigmoid a text detector's map: init
+    names those tasks and gates that fail when the task breaks (an SQNR floor alone passed a recognizer
+    reading nothing); and it writes no `method:`, which would switch the CNN preset's ranges off."""
+
+    class Recognizer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=(4, 2), padding=1)
+            self.head = torch.nn.Linear(8 * 12, 20)
+
+        def forward(self, x):
+            y = self.conv(x)  # [N, 8, 12, W/2]
+            y = y.permute(0, 3, 1, 2).flatten(2)  # [N, T, 96]
+            return torch.softmax(self.head(y), dim=-1)
+
+    detector = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3, padding=1), torch.nn.Sigmoid())
+    _export(Recognizer(), (torch.randn(1, 3, 48, 64),), tmp_path / "rec.onnx", names=("x", "probs"))
+    _export(detector, (torch.randn(1, 3, 32, 32),), tmp_path / "det.onnx", names=("x", "maps"))
+    for name, task, gates in (("rec", "ctc", ["nonblank_agreement", "string_agreement", "sqnr_db"]),
+                              ("det", "dense", ["map_iou", "sqnr_db"])):
+        result = _invoke(["init", f"{name}.onnx", "-o", f"{name}.yaml"], tmp_path)
+        assert result.exit_code == 0, result.output
+        text = (tmp_path / f"{name}.yaml").read_text()
+        data = yaml.safe_load(text)
+        assert data["validation"]["task"] == task and [g["metric"] for g in data["gates"]] == gates
+        assert "method" not in data["calibration"] and f"decide: validation.task: {task} guessed" in result.stdout

@@ -39,6 +39,9 @@ LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 GATES = {
     "classification": [("top1_agreement", 25.0, "% of samples whose top class stays the float model's; chance is 100/K")],
     "embedding": [("cosine_mean", 0.9, "mean cosine similarity to the float embeddings")],
+    "ctc": [("nonblank_agreement", 50.0, "% of the steps the float model reads a character at that keep it"),
+            ("string_agreement", 25.0, "% of decoded strings equal to the float model's")],
+    "dense": [("map_iou", 50.0, "% IoU of the two models' maps thresholded at 0.3")],
 }
 SQNR_FLOOR = ("sqnr_db", 3.0, "dB of output signal over quantization error; 0 dB = error as large as the output")
 
@@ -161,12 +164,21 @@ def _builder_signature(spec: str, folder: Path) -> tuple[list[TensorSig], list[T
 def _task(outputs: list[TensorSig], last_op: str | None, decisions: list[str]) -> tuple[str, str]:
     first = outputs[0]
     dims = list(first.dims or [])
-    if len(dims) == 2 and not is_dynamic(dims[-1]) and dims[-1] > 1:
+    static_last = bool(dims) and not is_dynamic(dims[-1])
+    if len(dims) == 2 and static_last and dims[-1] > 1:
         if last_op in ("LpNormalization", "L2"):
             return "embedding", f"output '{first.name}' {dims} ends in an L2 normalisation: an embedding"
         decisions.append(f"validation.task: classification guessed from output '{first.name}' {dims} "
                          "(embedding if these are features, not class scores)")
         return "classification", f"output '{first.name}' {dims}: one score per class, DECIDE (embedding if features)"
+    if len(dims) == 3 and static_last and dims[-1] > 2 and last_op in ("Softmax", "LogSoftmax"):
+        decisions.append(f"validation.task: ctc guessed from output '{first.name}' {dims} (a {last_op} per time "
+                         "step: a sequence recognizer); set validation.outputs.<output>.blank to your blank index")
+        return "ctc", f"output '{first.name}' {dims}: a {last_op} per step, a CTC recognizer, DECIDE (blank: 0)"
+    if len(dims) == 4 and dims[1] == 1 and last_op == "Sigmoid":
+        decisions.append(f"validation.task: dense guessed from output '{first.name}' {dims} (a probability map); "
+                         "set its threshold to the one you deploy with")
+        return "dense", f"output '{first.name}' {dims}: a sigmoid map, DECIDE (threshold 0.3)"
     decisions.append(f"validation.task: regression guessed from output '{first.name}' {dims}; gates judge SQNR only")
     return "regression", f"output '{first.name}' {dims}: not a class vector, DECIDE"
 
@@ -305,7 +317,9 @@ def init_recipe(model: str, *, data: Path | None = None, target: str = "xdna2", 
         lines.append(f"  - {{name: {spec.name}, shape: {spec.shape}, dtype: {spec.dtype}{extra}}}{note}")
     section = lambda title, samples: [  # noqa: E731
         f"{title}:", "  data:", *data_lines, *([split] if split else []), f"  samples: {samples}   # at most"]
-    lines += section("calibration", 100) + ["  method: minmax   # minmax | percentile | entropy | mse | auto"]
+    # No `method:` line: a written method overrides the model family's preset (README, "Defaults per model
+    # family"), and minmax there costs a CNN half its SQNR.
+    lines += section("calibration", 100) + ["  # method: the model family's preset (CNN: percentile); minmax | percentile | entropy | mse | auto"]
     lines += section("validation", 200) + [f"  task: {task}   # {why}"]
     lines += ["quantization:", f"  target: {target}   # xdna1 (Phoenix, Hawk Point) | xdna2 (Strix, Krackan) | cpu",
               f"  format: {fmt}   # the NPU's number format; npu-pipeline compare tries the others",
