@@ -176,6 +176,8 @@ CASES = [
     Case("recipe-unknown-metric", edit(gates=[{"metric": "f1", "min": 0.5}]), 2, ("gates.0.metric", "'f1'")),
     Case("recipe-metric-not-measured", edit(gates=[{"metric": "nn_agreement", "min": 90}]), 2,
          ("gates.0.metric", "nn_agreement", "not measured", "classification")),
+    Case("recipe-gate-fraction-for-a-percentage", edit(gates=[{"metric": "top1_agreement", "min": 0.9}]), 2,
+         ("gates.0.min", "0.9", "top1_agreement", "percentage", "write 90")),
     Case("recipe-two-model-sources", edit(model={"onnx": "tiny.onnx", "builder": "a.b:c"}), 2, ("model", "exactly one")),
     Case("recipe-builder-without-colon", edit(model={"builder": "junk_builder"}), 2, ("model", "module:function")),
     Case("recipe-unknown-data-kind", edit(**{"calibration.data.kind": "csv"}), 2, ("calibration.data", "csv")),

@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from .names import NameAllocator
 
-__all__ = ["fold_conv_affine", "fuse_hard_activations"]
+__all__ = ["fold_conv_affine", "fuse_hard_activations", "has_decomposed_hard_activations"]
 
 _AFFINE = ("Mul", "Add", "Sub", "Div")
 
@@ -338,3 +338,15 @@ def fuse_hard_activations(model: onnx.ModelProto, keep: Iterable[str] = (),
             changed = True
             break
     return counts
+
+
+def has_decomposed_hard_activations(model: onnx.ModelProto) -> bool:
+    """Whether `fuse_hard_activations` would find anything in `model` once at opset 14 or later (a dry run
+    on a copy; the model is not changed)."""
+    if not any(n.op_type == "Clip" for n in model.graph.node):
+        return False
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    for opset in probe.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, 14)
+    return any(fuse_hard_activations(probe).values())

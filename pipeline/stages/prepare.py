@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.fusions import fold_conv_affine, fuse_hard_activations
+from ..core.fusions import fold_conv_affine, fuse_hard_activations, has_decomposed_hard_activations
 from ..core.masks import MASK_FLOOR
 from ..core.names import NameAllocator
 from ..core.onnx_io import load_onnx, make_session, model_opset, save_onnx, static_input_shapes
@@ -242,8 +242,13 @@ class PrepareStage(Stage):
     outputs = ("model.onnx",)
 
     def extra_key(self, ctx: RunContext) -> dict:
-        return {"fused_hard_activations": _fused_hard_activations(ctx.recipe),
-                "keep_nodes": sorted(ctx.recipe.quantization.exclude_nodes)}
+        # The format matters only through the hard activations it fuses, and only to a model that has
+        # some: formats share one prepared model (and calibration) otherwise (`compare`'s shared cache).
+        exported = ctx.stage_dir("export") / "model.onnx"
+        fused = _fused_hard_activations(ctx.recipe)
+        if fused and exported.is_file() and not has_decomposed_hard_activations(load_onnx(exported, where="exported model")):
+            fused = []
+        return {"fused_hard_activations": fused, "keep_nodes": sorted(ctx.recipe.quantization.exclude_nodes)}
 
     def run(self, ctx: RunContext, out: Path) -> dict:
         import onnx
