@@ -102,7 +102,7 @@ class Gate(_Strict):
 
 
 _NEEDS_LABELS = {"accuracy", "accuracy_drop", "accuracy_float"}
-# Metrics reported in percent (0-100). A `min` of 1 or less on one is a fraction written where a
+# Metrics reported in percent (0-100). A `min` between 0 and 1 on one is a fraction written where a
 # percentage belongs (`map_iou: {min: 0.8}`): a gate every broken model passes.
 PERCENT_METRICS = frozenset({
     "top1_agreement", "top1_agreement_confident", "accuracy", "nn_agreement", "boxes_matched", "boxes_precision",
@@ -118,7 +118,7 @@ def gate_problems(gates: list[Gate], spec: OutputsSpec, *, has_labels: bool | No
     (`pipeline.gates.check_outputs`)."""
     problems = []
     for index, gate in enumerate(gates):
-        if gate.metric in PERCENT_METRICS and gate.min is not None and 0 < gate.min <= 1:
+        if gate.metric in PERCENT_METRICS and gate.min is not None and 0 < gate.min < 1:
             problems.append(f"gates.{index}.min: {gate.min:g} on '{gate.metric}', a percentage (0-100): every model "
                             f"passes it; write {gate.min * 100:g} for {gate.min * 100:g}%")
         task = spec.task_of(gate.output)
