@@ -89,11 +89,12 @@ def test_folds_and_fuses_the_lcnet_block_without_changing_the_float_model():
     x = RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)
     want = _run(model, x)
     assert fuse_hard_activations(model) == {"hardswish": 2, "hardsigmoid": 0}
-    assert fold_conv_affine(model) == {"after_conv": 4, "before_conv": 2}
+    assert fold_conv_affine(model) == {"after_conv": 4, "before_conv": 3, "scale_moved_past_shift": 1}
     onnx.shape_inference.infer_shapes(model, strict_mode=True)
     ops = Counter(n.op_type for n in model.graph.node)
-    # Left: the Mul and Add before the padded depthwise conv (an Add there would be wrong at the border).
-    assert ops == Counter({"Conv": 3, "HardSwish": 2, "Mul": 1, "Add": 1}), ops
+    # Left: one Add before the padded depthwise conv (folded, the shift would be wrong at the border); its
+    # scale moved in front of it, (x + d / c) * c, and went into the conv.
+    assert ops == Counter({"Conv": 3, "HardSwish": 2, "Add": 1}), ops
     np.testing.assert_allclose(_run(model, x), want, rtol=1e-5, atol=1e-5)
     assert [o.name for o in model.graph.output] == ["dw"]
 
@@ -127,7 +128,7 @@ def test_what_must_not_fold_stays():
     model = b.model([along_width, z, shifted, "conv2", "relu", kept_mul])
     x = RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)
     want = [make_session(model.SerializeToString(), optimize=False).run(None, {"x": x})]
-    assert fold_conv_affine(model, keep=["kept_mul"]) == {"after_conv": 0, "before_conv": 0}
+    assert fold_conv_affine(model, keep=["kept_mul"]) == {"after_conv": 0, "before_conv": 0, "scale_moved_past_shift": 0}
     got = make_session(model.SerializeToString(), optimize=False).run(None, {"x": x})
     for a, b_ in zip(want[0], got):
         np.testing.assert_array_equal(a, b_)
@@ -142,7 +143,7 @@ def test_shared_weights_are_copied_not_edited():
     model = b.model([doubled, two])
     x = RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)
     want = make_session(model.SerializeToString(), optimize=False).run(None, {"x": x})
-    assert fold_conv_affine(model) == {"after_conv": 1, "before_conv": 0}
+    assert fold_conv_affine(model) == {"after_conv": 1, "before_conv": 0, "scale_moved_past_shift": 0}
     got = make_session(model.SerializeToString(), optimize=False).run(None, {"x": x})
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     np.testing.assert_array_equal(got[1], want[1])

@@ -112,6 +112,37 @@ def test_plan_keeps_mac_readers_of_a_16_bit_value_at_int8():
     assert wide.wide16 == {"h", "g"} and wide.int8_readers == {"h": {"mm1"}}
 
 
+def test_a_16_bit_value_sliced_into_an_attention_matmul_reaches_it_as_int8():
+    """onnxruntime puts a Slice's output on its input's grid: the Slice itself must get the int8 copy, or
+    the MatMul reading the slice reads 16 bits (PP-OCR's SVTR attention: q and k sliced out of one
+    promoted projection) and the audit counts MACs int8 the fallback had counted int8."""
+    rng = np.random.default_rng(0)
+    inits = {"w": rng.standard_normal((D, 2 * D)) * 0.3, "start0": np.array([0]), "end0": np.array([D]),
+             "start1": np.array([D]), "end1": np.array([2 * D]), "axis": np.array([2]), "perm_dummy": np.zeros(1)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["qk"], name="proj"),
+        helper.make_node("Slice", ["qk", "start0", "end0", "axis"], ["q"], name="slice_q"),
+        helper.make_node("Slice", ["qk", "start1", "end1", "axis"], ["k"], name="slice_k"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="attention"),
+        helper.make_node("Softmax", ["scores"], ["y"], name="softmax", axis=-1),
+        helper.make_node("Relu", ["qk"], ["side"], name="side"),  # a non-MAC reader keeps qk at 16 bits
+    ]
+    graph = helper.make_graph(
+        nodes, "sliced", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, T, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, T, T]),
+         helper.make_tensor_value_info("side", TensorProto.FLOAT, [1, T, 2 * D])],
+        [numpy_helper.from_array(np.asarray(v, np.float32 if k == "w" else np.int64), k) for k, v in inits.items()
+         if k != "perm_dummy"],
+    )
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    plan = plan_bits(model, {"qk"}, wide=())
+    assert plan.wide16 == {"qk"} and plan.int8_readers == {"qk": {"slice_q", "slice_k"}}
+    batches = _batches(8)
+    q, _, info = _quantize(model, batches, promote={"qk": 16}, wide_nodes=())
+    assert mac_shares(q).nodes["attention"] == "int8"
+
+
 def test_mac_share_counts_a_requantizing_pair_as_int8_and_a_16_bit_reader_as_16():
     model = _block()
     batches = _batches(8)

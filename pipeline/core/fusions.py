@@ -10,8 +10,8 @@ CTC recognizer in A8W8 the difference between a model that reads and one that do
 - `fold_conv_affine(model)`: a Conv whose output only a `Mul`/`Add`/`Sub`/`Div` by a constant reads
   (one value, or one per output channel) takes it into its weights and bias; and a `Mul`/`Add`/`Sub`/`Div`
   by a constant whose output only Convs read goes into those Convs' weights (a scale: always; a shift: into
-  the bias, when the Conv pads nothing, since padding adds zeros, not shifted values). Exact up to float
-  rounding.
+  the bias, when the Conv pads nothing, since padding adds zeros, not shifted values); a `Mul(c) -> Add(d)`
+  before padded Convs becomes `Add(d / c) -> Mul(c)`, whose scale then folds. Exact up to float rounding.
 - `fuse_hard_activations(model)`: `x * Clip(x + 3, 0, 6) / 6` (any order of the Mul and the Div, or a
   Mul by 1/6; Relu6 as Clip) becomes `HardSwish(x)`, `Clip(x + 3, 0, 6) / 6` becomes `HardSigmoid(x)`
   (alpha 1/6, beta 0.5). Exact up to float rounding. Whether an NPU format runs HardSwish is the caller's
@@ -234,11 +234,44 @@ def _fold_before(graph: _Graph, node: onnx.NodeProto) -> bool:
     return True
 
 
+def _scale_past_shift(graph: _Graph, mul: onnx.NodeProto) -> bool:
+    """`Mul(x, c) -> Add(., d) -> padded Convs` becomes `Add(x, d / c) -> Mul(., c) -> Convs`, so that the
+    scale folds into the Convs (the shift cannot: padding) and one op is left where there were two."""
+    if mul.op_type != "Mul" or mul.name in graph.keep:
+        return False
+    source = next((i for i in mul.input if graph.constant(i) is None), None)
+    operand = _affine_operand(graph, mul, source) if source is not None else None
+    add = graph.only_reader(mul.output[0])
+    shift = _affine_operand(graph, add, mul.output[0]) if add is not None else None
+    if operand is None or shift is None or shift[0] not in ("Add", "Sub"):
+        return False
+    readers = graph.readers.get(add.output[0], [])
+    if not readers or add.output[0] in graph.outputs or any(
+            r.op_type != "Conv" or r.name in graph.keep or r.input[0] != add.output[0] or _conv_parts(graph, r) is None
+            for r in readers):
+        return False
+    c, d = operand[1], shift[1] if shift[0] == "Add" else -shift[1]
+    w = _conv_parts(graph, readers[0])[0]
+    if not np.all(c != 0) or _per_channel(c, w.shape[1] * _attr(readers[0], "group", 1), w.ndim) is None:
+        return False  # the scale would not fold after the move
+    const_name = mul.input[1] if mul.input[0] == source else mul.input[0]
+    dtype = numpy_helper.to_array(graph.inits[const_name]).dtype if const_name in graph.inits else np.float32
+    shifted = graph.add_initializer(f"{add.output[0]}_shift", d / c, dtype)
+    scale = graph.add_initializer(f"{mul.output[0]}_scale", c, dtype)
+    middle, out = mul.output[0], add.output[0]
+    add_node = helper.make_node("Add", [source, shifted], [middle], name=add.name)
+    mul_node = helper.make_node("Mul", [middle, scale], [out], name=mul.name)
+    mul.CopyFrom(add_node)  # in place: the graph's order (Mul, then Add) becomes Add, then Mul
+    add.CopyFrom(mul_node)
+    graph.remove([])
+    return True
+
+
 def fold_conv_affine(model: onnx.ModelProto, keep: Iterable[str] = ()) -> dict[str, int]:
     """Fold constant affine ops into neighbouring Convs, in place (module docstring); the counts. Nodes
     named in `keep` (a recipe's `exclude_nodes`) are neither folded away nor rewritten."""
     graph = _Graph(model, frozenset(keep))
-    counts = {"after_conv": 0, "before_conv": 0}
+    counts = {"after_conv": 0, "before_conv": 0, "scale_moved_past_shift": 0}
     changed = True
     while changed:
         changed = False
@@ -252,6 +285,13 @@ def fold_conv_affine(model: onnx.ModelProto, keep: Iterable[str] = ()) -> dict[s
         for node in list(graph.g.node):
             if node.op_type in _AFFINE and _fold_before(graph, node):
                 counts["before_conv"] += 1
+                changed = True
+                break
+        if changed:
+            continue
+        for node in list(graph.g.node):
+            if _scale_past_shift(graph, node):
+                counts["scale_moved_past_shift"] += 1
                 changed = True
                 break
     return counts

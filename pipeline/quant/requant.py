@@ -7,8 +7,8 @@ int8 MAC as long as every MatMul/Gemm/Conv that reads it gets an int8 copy: a re
 read 16 bits themselves (`wide`: A16W8 nodes), per tensor:
 
 - 16 bits when promoted (or read by a wide node) and some reader needs the 16-bit value: a non-MAC op, a
-  wide MAC, or a layout op (Reshape/Transpose/...) whose output is itself 16-bit;
-- an int8 copy for the other readers (MAC nodes not wide, layout ops whose output stays int8);
+  wide MAC, or a layout op (Reshape/Transpose/..., Slice) whose output is itself 16-bit;
+- an int8 copy for the other readers (MAC nodes not wide, layout ops and Slices whose output stays int8);
 - promoted but read by int8 readers only: int8 (16 bits would buy nothing and add a rounding).
 
 Layout ops share their input's quantization (onnxruntime quantizes their output with the parameters their
@@ -26,6 +26,12 @@ import onnx
 from ..core.ops import LAYOUT_OPS, MAC_OPS
 
 __all__ = ["BitPlan", "plan_bits", "mac_activation_inputs"]
+
+# Ops whose output onnxruntime's quantizer puts on their input's grid: the layout ops, and Slice (a
+# selection). A 16-bit value a Slice reads hands its width on to the Slice's output, and from there to the
+# MAC that reads it (PP-OCR's SVTR attention: promoted 16-bit values sliced into q, k, v, and 0.1% of the
+# MACs 16-bit that the fallback had counted int8).
+_SAME_GRID_OPS = LAYOUT_OPS | {"Slice"}
 
 
 @dataclass
@@ -56,7 +62,7 @@ def mac_activation_inputs(model: onnx.ModelProto, node_names: Iterable[str]) -> 
         for name in _activation_slots(node, inits):
             found.add(name)
             src = producer.get(name)
-            while src is not None and src.op_type in LAYOUT_OPS:
+            while src is not None and src.op_type in _SAME_GRID_OPS:
                 found.add(src.input[0])
                 src = producer.get(src.input[0])
     return found
@@ -82,7 +88,7 @@ def plan_bits(model: onnx.ModelProto, promote: Collection[str], wide: Collection
         for reader in consumers.get(tensor, []):
             if reader.op_type in MAC_OPS and reader.name not in wide:
                 gets8.add(reader.name)
-            elif reader.op_type in LAYOUT_OPS and reader.input[0] == tensor and reader.output[0] not in plan.wide16:
+            elif reader.op_type in _SAME_GRID_OPS and reader.input[0] == tensor and reader.output[0] not in plan.wide16:
                 gets8.add(reader.name)
             else:  # a wide MAC, a layout op with a 16-bit output, any other op
                 needs16 = True
