@@ -60,14 +60,18 @@ def recipe(out: Path, kind: str, fmt: str, fallback: bool) -> Path:
 
 
 def run(path: Path, output: str | None) -> None:
-    code = CliRunner().invoke(app, ["run", str(path), "--quiet"]).exit_code
+    result = CliRunner().invoke(app, ["run", str(path), "--quiet"])
+    code = result.exit_code
+    if code not in (0, 4):  # 4: a gate failed, the figures are still there
+        print(f"{path.stem}: exit {code}\n{result.output}")
+        return
     run_dir = path.parent / path.stem
     metrics = json.loads((run_dir / "validate" / "metrics.json").read_text())
     if output:
         metrics = {**metrics, **metrics["outputs"][output]}
     prepare = json.loads((run_dir / "prepare" / "stage.json").read_text())["metrics"]
-    family = manifest["quantization"].get("applied", {}).get("family")
     manifest = json.loads((run_dir / "artifact" / "manifest.json").read_text())
+    family = manifest["quantization"].get("applied", {}).get("family")
     shares = manifest["quantization"].get("mac_shares", {})
     times = json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").is_file() else {}
     figures = {k: round(metrics[k], 2) for k in KEYS if isinstance(metrics.get(k), (int, float))}
