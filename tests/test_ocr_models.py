@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.core.onnx_io import make_session
+from pipeline.core.tasks.ctc import ctc_greedy_decode, edit_distance
 from pipeline.models.ppocr import characters, model_path
 from pipeline.models.text_lines import line_texts, text_lines
 from pipeline.quant.presets import model_family
@@ -27,28 +28,13 @@ from pipeline.quant.presets import model_family
 from .test_formats import check_artifact
 
 
-def _decode(probs: np.ndarray, alphabet: list[str]) -> str:
-    """Greedy CTC decoding of one [T, C] output: repeats merged, blanks (0) dropped."""
-    best = probs.argmax(axis=-1)
-    keep = np.concatenate([[True], best[1:] != best[:-1]]) & (best != 0)
-    return "".join(alphabet[k] for k in best[keep])
-
-
-def _edit_distance(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
 def test_the_rendered_lines_are_text_the_float_recognizer_reads():
     session = make_session(model_path("rec"))
     alphabet = characters()
     texts = line_texts("validation", count=16)
-    read = [_decode(session.run(None, sample)[0][0], alphabet) for sample in text_lines("validation", count=16)]
-    errors = sum(_edit_distance(r, t) for r, t in zip(read, texts)) / sum(len(t) for t in texts)
+    read = ["".join(alphabet[k] for k in ctc_greedy_decode(session.run(None, sample)[0][0].argmax(-1), blank=0))
+            for sample in text_lines("validation", count=16)]
+    errors = sum(edit_distance(tuple(r), tuple(t)) for r, t in zip(read, texts)) / sum(len(t) for t in texts)
     assert errors < 0.05, list(zip(read, texts))
 
 

@@ -272,29 +272,18 @@ def fold_conv_affine(model: onnx.ModelProto, keep: Iterable[str] = ()) -> dict[s
     named in `keep` (a recipe's `exclude_nodes`) are neither folded away nor rewritten."""
     graph = _Graph(model, frozenset(keep))
     counts = {"after_conv": 0, "before_conv": 0, "scale_moved_past_shift": 0}
-    changed = True
-    while changed:
-        changed = False
-        for conv in list(graph.g.node):
-            if conv.op_type == "Conv" and _fold_after(graph, conv):
-                counts["after_conv"] += 1
-                changed = True
+    # Each pass applies the first rewrite that finds a place (a rewrite re-indexes the graph), in this
+    # order: folds first, a move only where nothing folds any more.
+    rewrites = (("after_conv", lambda node: node.op_type == "Conv" and _fold_after(graph, node)),
+                ("before_conv", lambda node: node.op_type in _AFFINE and _fold_before(graph, node)),
+                ("scale_moved_past_shift", lambda node: _scale_past_shift(graph, node)))
+    while True:
+        for key, rewrite in rewrites:
+            if any(rewrite(node) for node in list(graph.g.node)):
+                counts[key] += 1
                 break
-        if changed:
-            continue
-        for node in list(graph.g.node):
-            if node.op_type in _AFFINE and _fold_before(graph, node):
-                counts["before_conv"] += 1
-                changed = True
-                break
-        if changed:
-            continue
-        for node in list(graph.g.node):
-            if _scale_past_shift(graph, node):
-                counts["scale_moved_past_shift"] += 1
-                changed = True
-                break
-    return counts
+        else:
+            return counts
 
 
 def _is_const(graph: _Graph, name: str, value: float) -> bool:
