@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.core.formats import Format
-from pipeline.quant.finetune import FinetuneSettings, finetune
+from pipeline.quant.finetune import FinetuneSettings, _blended, finetune
 from pipeline.quant.finetune.torch_graph import QDQTorchGraph
 from pipeline.quant.qdq import quantize_qdq
 from pipeline.quant.statistics import collect_histograms
@@ -213,3 +213,17 @@ def test_a_fine_tune_that_breaks_the_model_is_not_kept():
                              FinetuneSettings(epochs=2, samples=32, batch=4, learning_rate=50.0, check_samples=8))
     assert report["kept"] == "original" and tuned is qmodel
     assert report["check_sqnr_db_after"] < report["check_sqnr_db_before"] - 10
+
+
+def test_blends_are_convex_mixes_of_two_samples_of_the_batch_and_token_ids_are_left():
+    rng = np.random.default_rng(0)
+    group = [{"x": np.full((1, 2, 3), float(k), np.float32)} for k in range(4)]
+    blended = _blended(group, 0.3, np.random.default_rng(5))
+    again = _blended(group, 0.3, np.random.default_rng(5))
+    for k, (feed, repeat) in enumerate(zip(blended, again)):
+        x = feed["x"]
+        assert x.shape == (1, 2, 3) and x.dtype == np.float32 and np.array_equal(x, repeat["x"])
+        assert len(np.unique(x)) == 1 and 0 <= x.flat[0] <= 3 and x.flat[0] != k  # w * own + (1 - w) * another
+    tokens = [{"ids": rng.integers(0, 100, (1, 8)), "x": np.zeros((1, 8), np.float32)} for _ in range(3)]
+    assert _blended(tokens, 0.3, rng) is tokens  # integer inputs cannot be blended: the batch as it is
+    assert _blended(group, 1.0, rng) is group  # blend 1: off

@@ -8,7 +8,8 @@ insertion, after AdaRound when both are listed.
 Settings (all optional): `epochs`, `samples` calibration samples streamed per epoch (at most the flow's
 `transform_samples`), `batch` samples per optimizer step, `learning_rate` (grid steps per step at the
 schedule's peak), `check_samples` (held out of the training, at most a quarter of the samples: the before/after check
-that keeps the better model).
+that keeps the better model), `blend` (each training sample blended with another of its batch, keeping a
+weight in [blend, 1] of itself; 1: no blending; float inputs only).
 It costs `epochs` forward and backward passes over the samples in torch: minutes on a CNN of MobileNetV2's
 size, so no preset turns it on.
 """
@@ -30,6 +31,7 @@ class FinetuneConfig(TransformConfig):
     batch: int = Field(8, ge=1)
     learning_rate: float = Field(0.02, gt=0)
     check_samples: int = Field(64, ge=1)
+    blend: float = Field(0.3, ge=0, le=1)
 
 
 @register_transform
@@ -43,7 +45,7 @@ class Finetune(QuantizedTransform):
             raise ValueError("finetune needs calibration batches (TransformContext.batches)")
         c = self.config
         settings = FinetuneSettings(epochs=c.epochs, samples=min(c.samples, ctx.samples), batch=c.batch,
-                                    learning_rate=c.learning_rate, check_samples=c.check_samples)
+                                    learning_rate=c.learning_rate, check_samples=c.check_samples, blend=c.blend)
         model, self._report = finetune(qmodel, float_model, ctx.batches, settings, progress=ctx.progress)
         if self._report["kept"] == "finetuned":
             self.applied = [{k: self._report[k] for k in ("check_sqnr_db_before", "check_sqnr_db_after", "tensors")}]
