@@ -179,3 +179,19 @@ def test_prepare_fuses_only_what_the_format_runs_and_folds_everywhere(tmp_path: 
         assert metrics["affine_folded_into_conv"]["after_conv"] >= 2
         ops = Counter(n.op_type for n in onnx.load(str(tmp_path / f"out_{fmt}" / "prepare" / "model.onnx")).graph.node)
         assert ops["HardSwish"] == hardswish and (ops["Clip"] == 0 if hardswish else ops["Clip"] == 2), ops
+
+
+def test_per_channel_scale_and_shift_fold_into_grouped_and_depthwise_convs():
+    """The input-channel bookkeeping of grouped convolutions: channel i of the input feeds the outputs of
+    group i // (C_in / group) only."""
+    for group, cout in ((1, 6), (2, 6), (4, 8)):
+        b = _Builder()
+        scaled = b.node("Mul", ["x", b.const("c", RNG.uniform(0.5, 2, (1, 4, 1, 1)))], "scaled")
+        shifted = b.node("Add", [scaled, b.const("d", RNG.standard_normal((4, 1, 1)))], "shifted")
+        y = b.conv(shifted, "conv", 4, cout, 1, group=group)  # unpadded: the shift folds too
+        model = b.model([y])
+        x = RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)
+        want = _run(model, x)
+        assert fold_conv_affine(model)["before_conv"] == 2, group
+        assert Counter(n.op_type for n in model.graph.node) == Counter({"Conv": 1})
+        np.testing.assert_allclose(_run(model, x), want, rtol=1e-5, atol=1e-5)
