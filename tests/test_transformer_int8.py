@@ -143,6 +143,31 @@ def test_a_16_bit_value_sliced_into_an_attention_matmul_reaches_it_as_int8():
     assert mac_shares(q).nodes["attention"] == "int8"
 
 
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool", "Resize", "Pad"])
+def test_a_16_bit_value_pooled_resized_or_padded_into_a_conv_reaches_it_as_int8(op: str):
+    """These ops put their output on their input's grid in onnxruntime's quantizer, as a Slice does: the
+    Conv after them read 16 bits, every MAC of it, while the plan (and the fallback's budget) counted int8."""
+    rng = np.random.default_rng(0)
+    extra = {"Resize": ["", "scales"], "Pad": ["pads"]}.get(op, [])
+    attrs = {"Resize": {"mode": "nearest"}, "Pad": {}}.get(op, {"kernel_shape": [2, 2], "strides": [2, 2]})
+    inits = {"w1": rng.standard_normal((8, 4, 3, 3)) * 0.3, "w2": rng.standard_normal((4, 8, 1, 1)) * 0.3,
+             "scales": np.array([1, 1, 2, 2]), "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1])}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["t"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node(op, ["t", *extra], ["p"], name="between", **attrs),
+             helper.make_node("Conv", ["p", "w2"], ["y"], name="c2"),
+             helper.make_node("Relu", ["t"], ["side"], name="side")]  # a non-MAC reader keeps t at 16 bits
+    used = {i for n in nodes for i in n.input}
+    graph = helper.make_graph(
+        nodes, "between", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("side", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.asarray(v, np.int64 if k == "pads" else np.float32), k) for k, v in inits.items() if k in used])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert plan_bits(model, {"t"}, wide=()).int8_readers == {"t": {"between"}}
+    batches = [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(4)]
+    q, _, _ = _quantize(model, batches, promote={"t": 16}, wide_nodes=())
+    assert mac_shares(q).nodes == {"c1": "int8", "c2": "int8"}
+
+
 def test_mac_share_counts_a_requantizing_pair_as_int8_and_a_16_bit_reader_as_16():
     model = _block()
     batches = _batches(8)

@@ -7,8 +7,8 @@ int8 MAC as long as every MatMul/Gemm/Conv that reads it gets an int8 copy: a re
 read 16 bits themselves (`wide`: A16W8 nodes), per tensor:
 
 - 16 bits when promoted (or read by a wide node) and some reader needs the 16-bit value: a non-MAC op, a
-  wide MAC, or a layout op (Reshape/Transpose/..., Slice) whose output is itself 16-bit;
-- an int8 copy for the other readers (MAC nodes not wide, layout ops and Slices whose output stays int8);
+  wide MAC, or a same-grid op (layout ops, Slice, pools, Resize, Pad) whose output is itself 16-bit;
+- an int8 copy for the other readers (MAC nodes not wide, same-grid ops whose output stays int8);
 - promoted but read by int8 readers only: int8 (16 bits would buy nothing and add a rounding).
 
 Layout ops share their input's quantization (onnxruntime quantizes their output with the parameters their
@@ -27,11 +27,12 @@ from ..core.ops import LAYOUT_OPS, MAC_OPS
 
 __all__ = ["BitPlan", "plan_bits", "mac_activation_inputs"]
 
-# Ops whose output onnxruntime's quantizer puts on their input's grid: the layout ops, and Slice (a
-# selection). A 16-bit value a Slice reads hands its width on to the Slice's output, and from there to the
-# MAC that reads it (PP-OCR's SVTR attention: promoted 16-bit values sliced into q, k, v, and 0.1% of the
-# MACs 16-bit that the fallback had counted int8).
-_SAME_GRID_OPS = LAYOUT_OPS | {"Slice"}
+# Ops whose output onnxruntime's quantizer puts on their input's grid: the layout ops, Slice, the
+# pools, Resize and Pad. A 16-bit value one of them reads hands its width on to its output, and from there
+# to the MAC that reads it, unless the op itself gets the int8 copy (PP-OCR's SVTR attention: promoted
+# values sliced into q, k, v, 0.1% of the MACs 16-bit that the fallback had counted int8; a promoted
+# value pooled, resized or padded into a Conv: that whole Conv; tests/test_transformer_int8.py).
+_SAME_GRID_OPS = LAYOUT_OPS | {"Slice", "MaxPool", "AveragePool", "Resize", "Pad"}
 
 
 @dataclass
