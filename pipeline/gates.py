@@ -11,6 +11,11 @@ the run (exit 4) unless the recipe waives it with a reason (`validation.allow_de
 `validation.outputs.<output>.allow_dead_channels`). A recurrent state output (fed back to an input by
 `inputs[].from_output`) is waived by its nature: nobody reads it but the model, which is judged on the
 outputs the state feeds; its dead channels are still reported.
+
+Default floor: a CTC, dense or detection output that no recipe gate reads must keep its task above a floor
+(`TASK_FLOORS`: half of the float model's non-blank characters, of its thresholded map, of its boxes).
+Below it the task is broken whatever its SQNR says (PP-OCR's recognizer read 4.5% of the characters,
+with no dead channel and no gate to catch it). A recipe gate on the output, any metric, replaces the floor.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from .core.tasks import GENERIC_METRICS, gate_holds, known_metrics, plan_outputs
 from .errors import GateError, RecipeError
 from .recipe import Gate
 
-__all__ = ["GateResult", "evaluate_gates", "dead_channel_gates", "raise_for_failures", "check_outputs"]
+__all__ = ["GateResult", "TASK_FLOORS", "evaluate_gates", "dead_channel_gates", "task_floor_gates",
+           "raise_for_failures", "check_outputs"]
+
+# task -> (metric, minimum): the default floor of an output of that task no recipe gate reads.
+TASK_FLOORS = {"ctc": ("nonblank_agreement", 50.0), "dense": ("map_iou", 50.0), "detection": ("boxes_matched", 50.0)}
 
 _DEAD_FIX = ("the tensor feeding this output mixes ranges (e.g. a Concat of box coordinates and scores): keep "
              "the range guard on (quantization.range_guard), exclude the node that mixes them "
@@ -84,7 +93,26 @@ def evaluate_gates(gates: list[Gate], metrics: dict, *, validation=None, states:
             )
         value = float(measured[gate.metric])
         results.append(GateResult(gate.metric, value, gate.min, gate.max, gate_holds(value, gate.min, gate.max), name))
-    return results + dead_channel_gates(metrics, validation, states)
+    return results + dead_channel_gates(metrics, validation, states) + task_floor_gates(gates, metrics)
+
+
+def task_floor_gates(gates: list[Gate], metrics: dict) -> list[GateResult]:
+    """The default task floor of every CTC, dense and detection output no recipe gate reads (module
+    docstring); none where the data cannot measure the metric (a float model that detects no box)."""
+    gated = {gate.output or metrics.get("task_output") for gate in gates}
+    results = []
+    for name, measured in (metrics.get("outputs") or {}).items():
+        floor = TASK_FLOORS.get(measured.get("task"))
+        if floor is None or name in gated or not isinstance(measured.get(floor[0]), (int, float)):
+            continue
+        metric, minimum = floor
+        value = float(measured[metric])
+        passed = value >= minimum
+        note = "" if passed else (f"default floor of a {measured['task']} output: below {minimum:g}% its task is "
+                                  f"broken; gate the output in the recipe (gates: {{metric: {metric}, output: {name}, "
+                                  "min: ...}) to set your own")
+        results.append(GateResult(metric, value, minimum, None, passed, name, note, default=True))
+    return results
 
 
 def dead_channel_gates(metrics: dict, validation=None, states: dict[str, str] | None = None) -> list[GateResult]:

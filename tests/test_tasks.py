@@ -240,3 +240,22 @@ def test_dead_channel_gate_fails_an_output_but_waives_a_recurrent_state():
     results = {r.output: r for r in evaluate_gates([], metrics, states={"stateN": "state"})}
     assert not results["y"].passed and "fix:" in results["y"].note
     assert results["stateN"].passed and "recurrent state fed back to input 'state'" in results["stateN"].note
+
+
+def test_an_ungated_ctc_dense_or_detection_output_keeps_a_default_task_floor():
+    """No recipe gate on a recognizer's output: its task is still held to half the float model's
+    characters (PP-OCR's recognizer in A8W8 once read 4.5% of them with no dead channel); a recipe gate
+    on the output, any metric, replaces the floor."""
+    metrics = {"task_output": "text", "outputs": {
+        "text": {"task": "ctc", "nonblank_agreement": 4.5, "string_agreement": 0.0},
+        "maps": {"task": "dense", "map_iou": 93.2},
+        "boxes": {"task": "detection", "not_measured": {"boxes_matched": "the float model detects no box"}},
+        "logits": {"task": "classification", "top1_agreement": 10.0},
+    }}
+    results = {r.output: r for r in evaluate_gates([], metrics)}
+    assert set(results) == {"text", "maps"}  # none where unmeasurable; classification has no floor
+    text = results["text"]
+    assert not text.passed and text.default and text.metric == "nonblank_agreement" and "below 50%" in text.note
+    assert results["maps"].passed and results["maps"].min == 50.0
+    own = evaluate_gates([Gate(metric="string_agreement", min=0)], metrics)  # the recipe's own gate on it
+    assert [r.output for r in own] == ["text", "maps"] and own[0].passed
