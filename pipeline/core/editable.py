@@ -11,17 +11,11 @@ import onnx
 from onnx import numpy_helper
 
 from .names import NameAllocator
-from .ops import WEIGHT_OPS
+from .ops import WEIGHT_OPS, node_attr
 from .shapes import static_shapes
 
 __all__ = ["Editable", "WEIGHT_OPS"]
 
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 class Editable:
@@ -44,7 +38,7 @@ class Editable:
         self.shapes = static_shapes(model)  # best effort: an unknown shape just stops a fold
         self.names = NameAllocator(g)
 
-    attr = staticmethod(_attr)
+    attr = staticmethod(node_attr)
 
     def const(self, name: str) -> np.ndarray | None:
         """The value of a float initializer (a copy), or None when `name` is not one."""
@@ -91,10 +85,10 @@ class Editable:
         if node.op_type == "MatMul":
             return (w, 0) if w.ndim == 2 else None
         if node.op_type == "Gemm":
-            if _attr(node, "transA", 0) or w.ndim != 2:
+            if node_attr(node, "transA", 0) or w.ndim != 2:
                 return None
-            return w, (1 if _attr(node, "transB", 0) else 0)
-        if _attr(node, "group", 1) != 1:  # grouped/depthwise: an input channel is not shared by all outputs
+            return w, (1 if node_attr(node, "transB", 0) else 0)
+        if node_attr(node, "group", 1) != 1:  # grouped/depthwise: an input channel is not shared by all outputs
             return None
         return w, 1
 
@@ -103,7 +97,7 @@ class Editable:
         """Output-channel axis of a MatMul/Gemm/Conv weight."""
         if node.op_type == "Conv":
             return 0
-        if node.op_type == "Gemm" and _attr(node, "transB", 0):
+        if node.op_type == "Gemm" and node_attr(node, "transB", 0):
             return 0
         return 1
 

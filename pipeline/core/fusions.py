@@ -29,6 +29,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .names import NameAllocator
+from .onnx_io import model_opset
+from .ops import is_default_domain, node_attr
 
 __all__ = ["fold_conv_affine", "fuse_hard_activations", "has_decomposed_hard_activations"]
 
@@ -61,7 +63,7 @@ class _Graph:
             value = numpy_helper.to_array(self.inits[name])
         else:
             node = self.producer.get(name)
-            if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            if node is None or node.op_type != "Constant" or not is_default_domain(node.domain):
                 return None
             attr = next((a for a in node.attribute if a.name == "value"), None)
             if attr is None:
@@ -99,17 +101,11 @@ class _Graph:
         self.reindex()
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
 
 def _affine_operand(graph: _Graph, node: onnx.NodeProto, value: str) -> tuple[str, np.ndarray] | None:
     """(op, constant) when `node` is `value` combined with a constant by Mul/Add (either side) or Sub/Div
     (constant second): `value` op constant. None otherwise."""
-    if node.op_type not in _AFFINE or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+    if node.op_type not in _AFFINE or not is_default_domain(node.domain) or len(node.input) != 2:
         return None
     a, b = node.input
     if a == value and b != value:
@@ -134,7 +130,7 @@ def _per_channel(k: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
 
 def _conv_parts(graph: _Graph, conv: onnx.NodeProto):
     """(weight, bias or None) of a Conv with constant parameters, float64; None when not constant."""
-    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.input) < 2:
+    if conv.op_type != "Conv" or not is_default_domain(conv.domain) or len(conv.input) < 2:
         return None
     if conv.input[1] not in graph.inits:
         return None
@@ -156,9 +152,9 @@ def _set_conv(graph: _Graph, conv: onnx.NodeProto, w: np.ndarray, b: np.ndarray)
 
 
 def _unpadded(conv: onnx.NodeProto) -> bool:
-    if _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+    if node_attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
         return False
-    return not any(_attr(conv, "pads", []))
+    return not any(node_attr(conv, "pads", []))
 
 
 def _fold_after(graph: _Graph, conv: onnx.NodeProto) -> bool:
@@ -209,7 +205,7 @@ def _fold_before(graph: _Graph, node: onnx.NodeProto) -> bool:
         if parts is None or conv.input[0] != node.output[0] or list(conv.input[1:]).count(node.output[0]):
             return False
         w, b = parts
-        group = _attr(conv, "group", 1)
+        group = node_attr(conv, "group", 1)
         in_channels = w.shape[1] * group
         c = _per_channel(k, in_channels, w.ndim)
         if c is None or (op == "Div" and not np.all(c != 0)) or (op in ("Add", "Sub") and not _unpadded(conv)):
@@ -252,7 +248,7 @@ def _scale_past_shift(graph: _Graph, mul: onnx.NodeProto) -> bool:
         return False
     c, d = operand[1], shift[1] if shift[0] == "Add" else -shift[1]
     w = _conv_parts(graph, readers[0])[0]
-    if not np.all(c != 0) or _per_channel(c, w.shape[1] * _attr(readers[0], "group", 1), w.ndim) is None:
+    if not np.all(c != 0) or _per_channel(c, w.shape[1] * node_attr(readers[0], "group", 1), w.ndim) is None:
         return False  # the scale would not fold after the move
     const_name = mul.input[1] if mul.input[0] == source else mul.input[0]
     dtype = numpy_helper.to_array(graph.inits[const_name]).dtype if const_name in graph.inits else np.float32
@@ -293,12 +289,12 @@ def _is_const(graph: _Graph, name: str, value: float) -> bool:
 
 def _relu6_of_x_plus_3(graph: _Graph, clip: onnx.NodeProto) -> str | None:
     """x when `clip` is Clip(x + 3, 0, 6) (Add by a constant 3, either side); else None."""
-    if clip.op_type != "Clip" or clip.domain not in ("", "ai.onnx"):
+    if clip.op_type != "Clip" or not is_default_domain(clip.domain):
         return None
     if len(clip.input) >= 3:
         bounds = _is_const(graph, clip.input[1], 0.0) and _is_const(graph, clip.input[2], 6.0)
     else:
-        bounds = _attr(clip, "min") == 0.0 and _attr(clip, "max") == 6.0
+        bounds = node_attr(clip, "min") == 0.0 and node_attr(clip, "max") == 6.0
     add = graph.producer.get(clip.input[0])
     if not bounds or add is None or add.op_type != "Add" or graph.only_reader(add.output[0]) is not clip:
         return None
@@ -326,6 +322,26 @@ def _other(node: onnx.NodeProto, value: str) -> str | None:
     return node.input[1] if node.input[0] == value else node.input[0]
 
 
+def _hard_activation_at(graph: _Graph, clip: onnx.NodeProto) -> tuple[str, str, list[onnx.NodeProto]] | None:
+    """(fused op, x, the nodes it replaces, the last one writing the output) when `clip` is the Clip of a
+    decomposed hardswish or hardsigmoid of x; else None."""
+    x = _relu6_of_x_plus_3(graph, clip)
+    reader = graph.only_reader(clip.output[0]) if x is not None else None
+    if reader is None:
+        return None
+    add = graph.producer[clip.input[0]]
+    if _other(reader, clip.output[0]) == x:  # x * relu6(x + 3), then / 6
+        last = graph.only_reader(reader.output[0])
+        if last is not None and _over_six(graph, last, reader.output[0]):
+            return "HardSwish", x, [add, clip, reader, last]
+    elif _over_six(graph, reader, clip.output[0]):  # relu6(x + 3) / 6, maybe then * x
+        user = graph.only_reader(reader.output[0])
+        if user is not None and _other(user, reader.output[0]) == x:
+            return "HardSwish", x, [add, clip, reader, user]
+        return "HardSigmoid", x, [add, clip, reader]
+    return None
+
+
 def fuse_hard_activations(model: onnx.ModelProto, keep: Iterable[str] = (),
                           ops: Iterable[str] = ("HardSwish", "HardSigmoid")) -> dict[str, int]:
     """Fuse decomposed hardswish and hardsigmoid, in place (module docstring); the counts. Only into the
@@ -333,49 +349,32 @@ def fuse_hard_activations(model: onnx.ModelProto, keep: Iterable[str] = (),
     graph = _Graph(model, frozenset(keep))
     ops = set(ops)
     counts = {"hardswish": 0, "hardsigmoid": 0}
-    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 14:
+    if model_opset(model) < 14:
         return counts  # HardSwish is an opset-14 operator
     changed = True
     while changed:
         changed = False
         for clip in list(graph.g.node):
-            x = _relu6_of_x_plus_3(graph, clip)
-            reader = graph.only_reader(clip.output[0]) if x is not None else None
-            if reader is None:
+            found = _hard_activation_at(graph, clip)
+            if found is None or found[0] not in ops or any(n.name in graph.keep for n in found[2]):
                 continue
-            add = graph.producer[clip.input[0]]
-            fused = None
-            if _other(reader, clip.output[0]) == x:  # x * relu6(x + 3), then / 6
-                last = graph.only_reader(reader.output[0])
-                if last is not None and _over_six(graph, last, reader.output[0]):
-                    fused, dead, kind = "HardSwish", [add, clip, reader, last], "hardswish"
-            elif _over_six(graph, reader, clip.output[0]):  # relu6(x + 3) / 6, maybe then * x
-                user = graph.only_reader(reader.output[0])
-                if user is not None and _other(user, reader.output[0]) == x:
-                    fused, dead, kind = "HardSwish", [add, clip, reader, user], "hardswish"
-                else:
-                    fused, dead, kind = "HardSigmoid", [add, clip, reader], "hardsigmoid"
-            if fused is None or fused not in ops or any(n.name in graph.keep for n in dead):
-                continue
+            fused, x, dead = found
             out = dead[-1].output[0]
             attrs = {"alpha": 1.0 / 6.0, "beta": 0.5} if fused == "HardSigmoid" else {}
             node = helper.make_node(fused, [x], [out], name=graph.names.fresh(f"{fused}_{out}"), **attrs)
             index = list(graph.g.node).index(dead[-1])
             graph.g.node.insert(index, node)
             graph.remove(dead)
-            counts[kind] += 1
+            counts[fused.lower()] += 1
             changed = True
             break
     return counts
 
 
 def has_decomposed_hard_activations(model: onnx.ModelProto) -> bool:
-    """Whether `fuse_hard_activations` would find anything in `model` once at opset 14 or later (a dry run
-    on a copy; the model is not changed)."""
+    """Whether `fuse_hard_activations` would find anything in `model` once at opset 14 or later (the
+    model is only read)."""
     if not any(n.op_type == "Clip" for n in model.graph.node):
         return False
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    for opset in probe.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = max(opset.version, 14)
-    return any(fuse_hard_activations(probe).values())
+    graph = _Graph(model)
+    return any(_hard_activation_at(graph, node) is not None for node in model.graph.node)

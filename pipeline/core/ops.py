@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "MAC_OPS", "WEIGHT_OPS", "Q_OPS", "DQ_OPS", "QDQ_OPS", "QDQ_DOMAINS", "LAYOUT_OPS", "PERMUTING_OPS",
-    "DATA_MOVEMENT_OPS", "FUSIBLE_ACTIVATIONS", "QUANTIZABLE_OPS", "BF16_EXACT_OPS", "is_default_domain",
+    "DATA_MOVEMENT_OPS", "FUSIBLE_ACTIVATIONS", "QUANTIZABLE_OPS", "BF16_EXACT_OPS", "is_default_domain", "node_attr",
 ]
 
 # Ops that do the multiply-accumulates (what MAC shares count).
@@ -48,3 +48,13 @@ BF16_EXACT_OPS = DATA_MOVEMENT_OPS | {
 
 def is_default_domain(domain: str) -> bool:
     return domain in ("", "ai.onnx")
+
+
+def node_attr(node, name: str, default=None):
+    """The value of `node`'s attribute `name` (ints, floats, strings as bytes, tensors), or `default`."""
+    from onnx import helper
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default

@@ -17,16 +17,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ...core.ops import node_attr
+
 __all__ = ["QuantLayer", "find_layers", "write_weights", "write_bias"]
 
 _OPS = ("Conv", "Gemm", "MatMul")
 
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 @dataclass
@@ -56,7 +52,7 @@ class QuantLayer:
     @property
     def transposed(self) -> bool:
         """True when the stored weight is [fan-in, outputs] (MatMul, Gemm without transB)."""
-        return self.op == "MatMul" or (self.op == "Gemm" and not _attr(self.node, "transB", 0))
+        return self.op == "MatMul" or (self.op == "Gemm" and not node_attr(self.node, "transB", 0))
 
     @property
     def n_out(self) -> int:
@@ -122,15 +118,15 @@ def find_layers(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, *, ops=_O
             w, bias, node.input[0], fnode.output[0], fnode.input[0],
             # Symmetric formats keep -qmax..qmax (what onnxruntime writes for symmetric weights).
             -int(info.max) if info.min < 0 else int(info.min), int(info.max),
-            int(_attr(node, "group", 1)),
+            int(node_attr(node, "group", 1)),
         )
         if node.op_type == "Conv":
             k = list(w.shape[2:])
             layer.conv = {
                 "kernel": k,
-                "strides": list(_attr(node, "strides", [1] * len(k))),
-                "pads": list(_attr(node, "pads", [0] * 2 * len(k))),
-                "dilations": list(_attr(node, "dilations", [1] * len(k))),
+                "strides": list(node_attr(node, "strides", [1] * len(k))),
+                "pads": list(node_attr(node, "pads", [0] * 2 * len(k))),
+                "dilations": list(node_attr(node, "dilations", [1] * len(k))),
             }
         if q.shape != w.shape:
             skipped.append({"node": node.name, "reason": "quantized and float weights differ in shape"})
@@ -145,9 +141,9 @@ def _unsupported(node, dq, readers, f_nodes, f_inits) -> str | None:
     fnode = f_nodes.get(node.name)
     if fnode is None or len(fnode.input) < 2 or fnode.input[1] not in f_inits:
         return "no float weight of the same node in the float model"
-    if node.op_type == "Gemm" and _attr(node, "transA", 0):
+    if node.op_type == "Gemm" and node_attr(node, "transA", 0):
         return "Gemm with transA"
-    if node.op_type == "Conv" and _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    if node.op_type == "Conv" and node_attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         return "Conv with auto_pad"
     w = f_inits[fnode.input[1]]
     if node.op_type == "MatMul" and len(w.dims) != 2:

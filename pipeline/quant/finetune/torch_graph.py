@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+from ...core.ops import node_attr
+
 __all__ = ["Unsupported", "QDQTorchGraph"]
 
 _MAC_OPS = ("Conv", "Gemm", "MatMul")
@@ -34,12 +36,6 @@ _MAC_OPS = ("Conv", "Gemm", "MatMul")
 class Unsupported(Exception):
     """The model has something the torch evaluation does not reproduce (the message names it)."""
 
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +63,7 @@ class _Learned:
         # Weights the quantizer kept off the most negative value (symmetric, narrow range) stay off it.
         narrow = info.min < 0 and q.dtype != np.int32 and q.min() > info.min
         self.low, self.high = (info.min + 1 if narrow else info.min), info.max
-        axis = _attr(node, "axis", 1)
+        axis = node_attr(node, "axis", 1)
         self.scale = torch.tensor(_axis_shape(scale.astype(np.float32), axis, q.ndim))
         self.zero = torch.tensor(_axis_shape(zero.astype(np.float32), axis, q.ndim))
         self.param = torch.nn.Parameter(torch.tensor(q.astype(np.float32) / unit))
@@ -96,7 +92,7 @@ class QDQTorchGraph:
             if node.domain not in ("", "ai.onnx") and not (qdq and node.domain == "com.microsoft"):
                 raise Unsupported(f"node {node.name or node.output[0]!r}: {node.domain}.{node.op_type}")
             if node.op_type == "Constant":
-                self.constants[node.output[0]] = numpy_helper.to_array(_attr(node, "value"))
+                self.constants[node.output[0]] = numpy_helper.to_array(node_attr(node, "value"))
             elif node.op_type not in _EVALUATORS and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 raise Unsupported(f"node {node.name or node.output[0]!r}: operator {node.op_type}")
         self.learned: dict[str, _Learned] = {}
@@ -187,7 +183,7 @@ class QDQTorchGraph:
 
 def _dequantize(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> np.ndarray:
     q = constants[node.input[0]]
-    axis = _attr(node, "axis", 1)
+    axis = node_attr(node, "axis", 1)
     scale = _axis_shape(constants[node.input[1]].astype(np.float32), axis, q.ndim)
     zero = constants[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros((), q.dtype)
     zero = _axis_shape(zero.astype(np.int64), axis, q.ndim)
@@ -207,7 +203,7 @@ class _Grid:
         zero = constants[node.input[2]]
         if zero.dtype.kind not in "iu":
             raise Unsupported(f"QuantizeLinear {node.name!r}: {zero.dtype} output")
-        self.axis = _attr(node, "axis", 1)
+        self.axis = node_attr(node, "axis", 1)
         self.scale_values = constants[node.input[1]].astype(np.float32)
         self.zero_values = zero.astype(np.float32)
         self.scale, self.zero = torch.tensor(self.scale_values), torch.tensor(self.zero_values)
@@ -244,9 +240,9 @@ def _ints(value) -> list[int]:
 
 
 def _spatial_pads(node: onnx.NodeProto, dims: int) -> list[int]:
-    if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    if node_attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise Unsupported(f"{node.op_type} {node.name!r}: auto_pad")
-    pads = _attr(node, "pads", [0] * 2 * dims)
+    pads = node_attr(node, "pads", [0] * 2 * dims)
     padding = []
     for d in reversed(range(dims)):  # F.pad wants the last dimension first
         padding += [pads[d], pads[d + dims]]
@@ -261,51 +257,51 @@ def _conv(node, args):
         raise Unsupported(f"Conv {node.name!r}: {dims}-d")
     x = F.pad(x, _spatial_pads(node, dims))
     conv = F.conv1d if dims == 1 else F.conv2d
-    return conv(x, w, bias, stride=_attr(node, "strides", [1] * dims), dilation=_attr(node, "dilations", [1] * dims),
-                groups=_attr(node, "group", 1))
+    return conv(x, w, bias, stride=node_attr(node, "strides", [1] * dims), dilation=node_attr(node, "dilations", [1] * dims),
+                groups=node_attr(node, "group", 1))
 
 
 def _gemm(node, args):
     a, b = args[0], args[1]
-    if _attr(node, "transA", 0):
+    if node_attr(node, "transA", 0):
         a = a.t()
-    if _attr(node, "transB", 0):
+    if node_attr(node, "transB", 0):
         b = b.t()
-    y = _attr(node, "alpha", 1.0) * (a @ b)
+    y = node_attr(node, "alpha", 1.0) * (a @ b)
     if len(args) > 2 and args[2] is not None:
-        y = y + _attr(node, "beta", 1.0) * args[2]
+        y = y + node_attr(node, "beta", 1.0) * args[2]
     return y
 
 
 def _clip(node, args):
-    low = float(args[1]) if len(args) > 1 and args[1] is not None else _attr(node, "min")
-    high = float(args[2]) if len(args) > 2 and args[2] is not None else _attr(node, "max")
+    low = float(args[1]) if len(args) > 1 and args[1] is not None else node_attr(node, "min")
+    high = float(args[2]) if len(args) > 2 and args[2] is not None else node_attr(node, "max")
     return torch.clamp(args[0], low, high)
 
 
 def _pool(node, args, kind):
     x = args[0]
-    kernel = _attr(node, "kernel_shape")
-    if len(kernel) != 2 or _attr(node, "dilations", [1, 1]) != [1, 1]:
+    kernel = node_attr(node, "kernel_shape")
+    if len(kernel) != 2 or node_attr(node, "dilations", [1, 1]) != [1, 1]:
         raise Unsupported(f"{node.op_type} {node.name!r}: only 2-d pooling without dilation")
-    strides = _attr(node, "strides", [1, 1])
-    ceil = bool(_attr(node, "ceil_mode", 0))
+    strides = node_attr(node, "strides", [1, 1])
+    ceil = bool(node_attr(node, "ceil_mode", 0))
     pads = _spatial_pads(node, 2)
     if kind == "max":
         return F.max_pool2d(F.pad(x, pads, value=float("-inf")), kernel, strides, ceil_mode=ceil)
-    if any(pads) and not _attr(node, "count_include_pad", 0):
+    if any(pads) and not node_attr(node, "count_include_pad", 0):
         raise Unsupported(f"AveragePool {node.name!r}: padding excluded from the count")
     return F.avg_pool2d(F.pad(x, pads), kernel, strides, ceil_mode=ceil)
 
 
 def _reshape(node, args):
     x, shape = args[0], _ints(args[1])
-    shape = [x.shape[i] if s == 0 and not _attr(node, "allowzero", 0) else s for i, s in enumerate(shape)]
+    shape = [x.shape[i] if s == 0 and not node_attr(node, "allowzero", 0) else s for i, s in enumerate(shape)]
     return x.reshape(shape)
 
 
 def _squeeze_axes(node, args):
-    return _ints(args[1]) if len(args) > 1 and args[1] is not None else _attr(node, "axes")
+    return _ints(args[1]) if len(args) > 1 and args[1] is not None else node_attr(node, "axes")
 
 
 def _unsqueeze(node, args):
@@ -326,11 +322,11 @@ def _squeeze(node, args):
 
 
 def _softmax(node, args):
-    return torch.softmax(args[0], dim=_attr(node, "axis", -1))
+    return torch.softmax(args[0], dim=node_attr(node, "axis", -1))
 
 
 def _hard_sigmoid(node, args):
-    return torch.clamp(_attr(node, "alpha", 0.2) * args[0] + _attr(node, "beta", 0.5), 0.0, 1.0)
+    return torch.clamp(node_attr(node, "alpha", 0.2) * args[0] + node_attr(node, "beta", 0.5), 0.0, 1.0)
 
 
 _EVALUATORS = {
@@ -343,7 +339,7 @@ _EVALUATORS = {
     "Div": lambda node, a: a[0] / a[1],
     "Clip": _clip,
     "Relu": lambda node, a: F.relu(a[0]),
-    "LeakyRelu": lambda node, a: F.leaky_relu(a[0], _attr(node, "alpha", 0.01)),
+    "LeakyRelu": lambda node, a: F.leaky_relu(a[0], node_attr(node, "alpha", 0.01)),
     "Sigmoid": lambda node, a: torch.sigmoid(a[0]),
     "Tanh": lambda node, a: torch.tanh(a[0]),
     "HardSigmoid": _hard_sigmoid,
@@ -351,10 +347,10 @@ _EVALUATORS = {
     "GlobalAveragePool": lambda node, a: a[0].mean(dim=tuple(range(2, a[0].dim())), keepdim=True),
     "AveragePool": lambda node, a: _pool(node, a, "average"),
     "MaxPool": lambda node, a: _pool(node, a, "max"),
-    "Flatten": lambda node, a: a[0].reshape(int(np.prod(a[0].shape[:_attr(node, "axis", 1) % a[0].dim()])), -1),
+    "Flatten": lambda node, a: a[0].reshape(int(np.prod(a[0].shape[:node_attr(node, "axis", 1) % a[0].dim()])), -1),
     "Reshape": _reshape,
-    "Transpose": lambda node, a: a[0].permute(*(_attr(node, "perm") or reversed(range(a[0].dim())))),
-    "Concat": lambda node, a: torch.cat(a, dim=_attr(node, "axis")),
+    "Transpose": lambda node, a: a[0].permute(*(node_attr(node, "perm") or reversed(range(a[0].dim())))),
+    "Concat": lambda node, a: torch.cat(a, dim=node_attr(node, "axis")),
     "Softmax": _softmax,
     "Identity": lambda node, a: a[0],
     "Squeeze": _squeeze,
