@@ -80,10 +80,11 @@ def _conv_mac_share(model: onnx.ModelProto) -> float:
     return conv / total if total else 0.0
 
 
-def choose_preset(name: str, model: onnx.ModelProto) -> Preset:
-    """The preset `name` stands for on `model` ("auto": by `model_family`)."""
+def choose_preset(name: str, model: onnx.ModelProto, *, family: str | None = None) -> Preset:
+    """The preset `name` stands for on `model` ("auto": by `model_family`, or `family` when the caller
+    has it: counting MACs runs shape inference)."""
     if name == "auto":
-        return PRESETS.get(model_family(model), PRESETS["none"])
+        return PRESETS.get(family or model_family(model), PRESETS["none"])
     return PRESETS[name]
 
 

@@ -69,7 +69,8 @@ def resolve_settings(recipe: Recipe, model, target, fmt: Format) -> tuple[Quanti
     """The flow's settings: the recipe's, and its preset's where the recipe is silent
     (`pipeline.quant.presets`); plus what was taken from where, for the stage record."""
     q, calibration = recipe.quantization, recipe.calibration
-    preset = choose_preset(q.preset, model)
+    family = model_family(model)
+    preset = choose_preset(q.preset, model, family=family)
     steps = [(s.name, s.settings) for s in q.transform_steps()]
     method_given = "method" in calibration.model_fields_set
     method = calibration.method if method_given else (preset.activation_method or calibration.method)
@@ -84,7 +85,7 @@ def resolve_settings(recipe: Recipe, model, target, fmt: Format) -> tuple[Quanti
         output_error_ranges=q.mac_input_ranges == "output_error",
         output_error_samples=min(q.output_error_samples, calibration.samples),
     )
-    used = {"preset": preset.name, "family": model_family(model), "transforms": [n for n, _ in settings.transforms],
+    used = {"preset": preset.name, "family": family, "transforms": [n for n, _ in settings.transforms],
             "activation_method": settings.method, "weight_method": settings.weight_method or "minmax"}
     return settings, used
 
