@@ -26,6 +26,7 @@ from ..core.onnx_io import load_onnx
 from ..core.signature import TensorSig, external_data_files, is_dynamic, onnx_signature
 from ..data.images import IMAGE_SUFFIXES
 from ..errors import DataError, ModelError, RecipeError, StageError
+from ..gates import TASK_FLOORS
 from ..recipe import recipe_from_dict
 from ..targets import get_target
 
@@ -39,9 +40,10 @@ LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 GATES = {
     "classification": [("top1_agreement", 25.0, "% of samples whose top class stays the float model's; chance is 100/K")],
     "embedding": [("cosine_mean", 0.9, "mean cosine similarity to the float embeddings")],
-    "ctc": [("nonblank_agreement", 50.0, "% of the steps the float model reads a character at that keep it"),
+    # The default task floors (`pipeline.gates.TASK_FLOORS`), written out so the user sees and raises them.
+    "ctc": [(*TASK_FLOORS["ctc"], "% of the steps the float model reads a character at that keep it"),
             ("string_agreement", 25.0, "% of decoded strings equal to the float model's")],
-    "dense": [("map_iou", 50.0, "% IoU of the two models' maps thresholded at 0.3")],
+    "dense": [(*TASK_FLOORS["dense"], "% IoU of the two models' maps thresholded at 0.3")],
 }
 SQNR_FLOOR = ("sqnr_db", 3.0, "dB of output signal over quantization error; 0 dB = error as large as the output")
 
