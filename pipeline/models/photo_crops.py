@@ -45,15 +45,14 @@ that decodes the split's photos once and makes each crop only when it is asked f
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
+from .packages import installed_package_dir
 
 __all__ = [
     "PHOTOS",
@@ -123,13 +122,11 @@ def _photo_bytes(name: str) -> bytes:
     if name not in PHOTOS:
         raise DataError(f"photo '{name}' is not one of the bundled photos ({', '.join(PHOTOS)})")
     package, inner, digest = PHOTOS[name]
-    # The installed package's folder, found without importing it: `import sklearn` alone costs 1.6 s, paid
-    # by every stage that reads the data (calibrate, quantize, validate).
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    folder = installed_package_dir(package)
+    if folder is None:
         raise DataError(f"photo '{name}': package {package} is not installed; {_INSTALL_HINT}")
     try:
-        data = (Path(list(spec.submodule_search_locations)[0]) / inner).read_bytes()
+        data = (folder / inner).read_bytes()
     except OSError as err:
         raise DataError(f"photo '{name}': cannot read {package}/{inner} ({err}); reinstall {package}") from None
     if hashlib.sha256(data).hexdigest() != digest:

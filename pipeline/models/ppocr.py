@@ -12,10 +12,10 @@ blocks and hardswish spelled as four ops by paddle2onnx), and a MobileNetV3 dire
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from ..errors import DataError
+from .packages import installed_package_dir
 
 __all__ = ["MODELS", "model_path", "characters"]
 
@@ -29,14 +29,13 @@ _HINT = "pip install --no-deps rapidocr-onnxruntime==1.4.4 (make test installs i
 
 
 def model_path(kind: str) -> Path:
-    """The installed ONNX file of `kind` (det, rec, cls); found without importing the package (its
-    `__init__` needs OpenCV, which is not installed)."""
+    """The installed ONNX file of `kind` (det, rec, cls)."""
     if kind not in MODELS:
         raise DataError(f"PP-OCR model '{kind}' is not one of: {', '.join(MODELS)}")
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    folder = installed_package_dir(PACKAGE)
+    if folder is None:
         raise DataError(f"PP-OCR models: package {PACKAGE} is not installed; {_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / MODELS[kind]
+    path = folder / "models" / MODELS[kind]
     if not path.is_file():
         raise DataError(f"PP-OCR models: {path} is missing; reinstall: {_HINT}")
     return path
