@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from onnx import helper
+
 __all__ = [
     "MAC_OPS", "WEIGHT_OPS", "Q_OPS", "DQ_OPS", "QDQ_OPS", "QDQ_DOMAINS", "LAYOUT_OPS", "PERMUTING_OPS",
     "DATA_MOVEMENT_OPS", "FUSIBLE_ACTIVATIONS", "QUANTIZABLE_OPS", "BF16_EXACT_OPS", "is_default_domain", "node_attr",
@@ -52,8 +54,6 @@ def is_default_domain(domain: str) -> bool:
 
 def node_attr(node, name: str, default=None):
     """The value of `node`'s attribute `name` (ints, floats, strings as bytes, tensors), or `default`."""
-    from onnx import helper
-
     for attribute in node.attribute:
         if attribute.name == name:
             return helper.get_attribute_value(attribute)
