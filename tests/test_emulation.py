@@ -213,3 +213,32 @@ def test_pairs_that_differ_or_are_read_elsewhere_are_kept():
     exposed.graph.output.append(helper.make_tensor_value_info("d1", TensorProto.FLOAT, [4096]))
     for model in (other_scale, exposed):
         assert len(drop_redundant_activation_pairs(model).graph.node) == 5
+
+
+def test_a_model_cut_to_an_early_value_runs_only_the_nodes_it_needs():
+    """`expose_outputs(replace=True)` keeps only what the exposed values depend on (onnxruntime would run
+    every node otherwise), with the same values, the graph inputs kept, and names an If branch reads from
+    the enclosing graph counted as read."""
+    from pipeline.core.onnx_io import expose_outputs
+    from tests.graph_builders import conv_relu_chain
+
+    model = conv_relu_chain()
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    cut = expose_outputs(model, ["r0"], replace=True)
+    assert [n.name for n in cut.graph.node] == ["conv0", "relu0"]
+    assert {t.name for t in cut.graph.initializer} == {"w0", "b0"}
+    assert [i.name for i in cut.graph.input] == ["x"]
+    exposed_all = make_session(expose_outputs(model, ["r0"]).SerializeToString(), optimize=False)
+    want = exposed_all.run(["r0"], x)[0]
+    got = make_session(cut.SerializeToString(), optimize=False).run(None, x)[0]
+    np.testing.assert_array_equal(got, want)
+
+    # An If whose branches read an outer value ("r1") keeps that value's producers.
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    branch = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("Identity", ["r1"], [f"{name}_out"])], name, [],
+        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)])
+    model.graph.input.append(cond)
+    model.graph.node.append(helper.make_node("If", ["c"], ["picked"], then_branch=branch("t"), else_branch=branch("e")))
+    cut = expose_outputs(model, ["picked"], replace=True)
+    assert [n.name for n in cut.graph.node] == ["conv0", "relu0", "conv1", "relu1", model.graph.node[-1].name]

@@ -21,7 +21,7 @@ THREADS_ENV = "NPU_PIPELINE_THREADS"
 
 __all__ = [
     "THREADS_ENV", "load_onnx", "save_onnx", "model_opset", "make_session", "run_session", "static_input_shapes",
-    "expose_outputs", "copy_model",
+    "expose_outputs", "drop_unread_nodes", "copy_model",
 ]
 
 
@@ -119,7 +119,8 @@ def copy_model(model):
 
 def expose_outputs(model, names: Sequence[str], *, replace: bool = False):
     """A copy of `model` that also returns the float values `names` (after its own outputs, or instead of
-    them when `replace`). Names already among the outputs are not repeated."""
+    them when `replace`: then only the nodes they depend on are kept, see `drop_unread_nodes`). Names
+    already among the outputs are not repeated."""
     from onnx import TensorProto, helper
 
     model = copy_model(model)
@@ -130,4 +131,40 @@ def expose_outputs(model, names: Sequence[str], *, replace: bool = False):
         if name not in existing:
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
             existing.add(name)
+    if replace:
+        drop_unread_nodes(model)
     return model
+
+
+def _subgraph_reads(node) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph, or may."""
+    reads: set[str] = set()
+    for attr in node.attribute:
+        for graph in [attr.g, *attr.graphs] if (attr.HasField("g") or attr.graphs) else []:
+            for inner in graph.node:
+                reads.update(inner.input)
+                reads |= _subgraph_reads(inner)
+    return reads
+
+
+def drop_unread_nodes(model) -> None:
+    """Remove, in place, the nodes no graph output depends on and the initializers nothing reads; graph
+    inputs stay (the same feeds still work). Why: onnxruntime runs every node of a graph whether its
+    output is read or not, so a model cut down to an early value by `expose_outputs(replace=True)`
+    otherwise costs a whole inference (AdaRound's layer-by-layer passes ran the full network per layer)."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+            needed |= _subgraph_reads(node)
+    if len(kept) == len(graph.node):
+        return
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)

@@ -202,14 +202,18 @@ class CropSet:
     def __init__(self, split: str, input: str = "image") -> None:
         self.split, self.input = split, input
         self.crops = crops(split)
+        # Decoded photos, each on first use and kept (~20 MB at most): the quantizer's layer-by-layer
+        # steps iterate the set once per layer, and decoding every photo each time cost more than the crops.
+        self._images: dict = {}
 
     def __len__(self) -> int:
         return len(self.crops)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        images = {name: load_photo(name) for name in _split_photos(self.split)}  # ~20 MB decoded at most
         for crop in self.crops:
-            yield {self.input: normalise(_render(images[crop.photo], crop))}
+            if crop.photo not in self._images:
+                self._images[crop.photo] = load_photo(crop.photo)
+            yield {self.input: normalise(_render(self._images[crop.photo], crop))}
 
 
 def imagenet_crops(split: str = "calibration", *, input: str = "image") -> CropSet:
