@@ -182,6 +182,61 @@ def test_adaround_on_quantized_inputs_goes_layer_by_layer_and_does_not_overcorre
     assert _layer_error(model, sequential, batches) < _layer_error(model, nearest, batches)
 
 
+def test_sequential_adaround_from_kept_activations_matches_streaming_from_the_inputs(monkeypatch):
+    """Sequential AdaRound keeps each layer's values (`Frontier`) instead of running the model from its
+    inputs per layer: on a residual block (a stream the Add reads after a branch of three layers) the
+    rounded model is byte-identical to the streamed one, which is what it falls back to when the kept
+    values would pass the memory limit."""
+    from pipeline.quant.adaround import frontier
+
+    model = _residual_block()
+    batches = _batches(12, (1, 3, 6, 6), seed=3)
+    nearest = _quantized(model, batches, "a8w8")
+    settings = AdaRoundSettings(iterations=50, samples=12, quantized_inputs=True)
+    kept, report = adaround(nearest, model, batches, settings)
+    assert report["cached_activations"] is True
+    # What `values` answers when the kept values would pass the memory limit (tested below).
+    monkeypatch.setattr(frontier.Frontier, "values", lambda self, model, wanted: None)
+    streamed, report = adaround(nearest, model, batches, settings)
+    assert report["cached_activations"] is False
+    assert kept.SerializeToString() == streamed.SerializeToString()
+
+
+def test_frontier_values_equal_a_run_from_the_inputs_and_follow_changed_weights():
+    """Every value asked for in graph order equals onnxruntime's run of the whole model; a weight an already
+    run node read, once changed and reported, sends the cut back to the inputs (the new weight is used);
+    over the memory limit nothing is kept."""
+    from pipeline.core.onnx_io import expose_outputs, make_session
+    from pipeline.quant.adaround.frontier import Frontier
+
+    model = _residual_block()
+    feeds = list(_batches(3, (1, 3, 6, 6), seed=4)())
+
+    def direct(m, name):
+        session = make_session(expose_outputs(m, [name], replace=True).SerializeToString(), optimize=False)
+        return [session.run(None, f)[0] for f in feeds]
+
+    front = Frontier(model, feeds, optimize=False)
+    for name in ["t", "re", "rd", "cp", "y"]:
+        for got, want in zip(front.values(model, [name]), direct(model, name)):
+            np.testing.assert_array_equal(got[0], want)
+    assert set(front.cached) <= {"y"}  # nothing later reads anything else
+
+    front = Frontier(model, feeds, optimize=False)
+    front.values(model, ["re"])
+    assert set(front.cached) == {"t", "re"}  # the residual stream and the branch
+    changed = model.__class__.FromString(model.SerializeToString())
+    we = next(t for t in changed.graph.initializer if t.name == "we")
+    we.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(we) * 2, "we"))
+    front.changed({"we"})
+    assert front.cached == {}
+    for got, want in zip(front.values(changed, ["rd"]), direct(changed, "rd")):
+        np.testing.assert_array_equal(got[0], want)
+
+    small = Frontier(model, feeds, optimize=False, limit_bytes=16)
+    assert small.values(model, ["t"]) is None and small.cached == {}
+
+
 def test_mse_weight_range_beats_max_on_a_weight_with_an_outlier():
     w = RNG.standard_normal(65536) * 0.05
     w[17] = 3.0  # one outlier, 60 sigma out: max |w| spends the int8 grid on it

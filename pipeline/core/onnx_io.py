@@ -21,7 +21,7 @@ THREADS_ENV = "NPU_PIPELINE_THREADS"
 
 __all__ = [
     "THREADS_ENV", "load_onnx", "save_onnx", "model_opset", "make_session", "run_session", "static_input_shapes",
-    "expose_outputs", "drop_unread_nodes", "copy_model",
+    "expose_outputs", "drop_unread_nodes", "subgraph_reads", "copy_model",
 ]
 
 
@@ -136,14 +136,14 @@ def expose_outputs(model, names: Sequence[str], *, replace: bool = False):
     return model
 
 
-def _subgraph_reads(node) -> set[str]:
+def subgraph_reads(node) -> set[str]:
     """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph, or may."""
     reads: set[str] = set()
     for attr in node.attribute:
         for graph in [attr.g, *attr.graphs] if (attr.HasField("g") or attr.graphs) else []:
             for inner in graph.node:
                 reads.update(inner.input)
-                reads |= _subgraph_reads(inner)
+                reads |= subgraph_reads(inner)
     return reads
 
 
@@ -159,7 +159,7 @@ def drop_unread_nodes(model) -> None:
         if any(name in needed for name in node.output):
             kept.append(node)
             needed.update(name for name in node.input if name)
-            needed |= _subgraph_reads(node)
+            needed |= subgraph_reads(node)
     if len(kept) == len(graph.node):
         return
     kept.reverse()

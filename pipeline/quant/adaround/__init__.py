@@ -32,13 +32,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import onnx
 
 from ...core.onnx_io import copy_model
 from ...core.shapes import static_shapes
-from .gram import LayerMoments, collect_moments
+from .frontier import Frontier
+from .gram import LayerMoments, add_sample, collect_moments, empty_moments
 from .layers import QuantLayer, find_layers, write_bias, write_weights
 from .solve import SolveSettings, quadratic, reconstruction_error, solve_layer
 
@@ -90,17 +92,23 @@ def adaround(
         chunks = [[i] for i in range(len(layers))]
     else:
         chunks = [list(range(len(layers)))] if layers else []
+    frontiers = _frontiers(model, float_model, batches, settings) if settings.quantized_inputs and layers else None
     rows, stream_seconds = [], 0.0
     bar = tqdm(total=len(layers), desc="adaround", unit="layer", disable=not progress, leave=False)
     for chunk in chunks:
         part = [layers[i] for i in chunk]
         t0 = time.perf_counter()
-        moments = collect_moments(model, float_model, part, batches(), samples=settings.samples,
-                                  positions=settings.positions, output_shapes=shapes, seed=settings.seed,
-                                  quantized_inputs=settings.quantized_inputs, per_fan_in=settings.rows_per_fan_in)
+        moments = _from_frontiers(frontiers, model, float_model, part[0], settings, shapes) if frontiers else None
+        if moments is None:
+            frontiers = None  # over the memory limit: stream from the inputs from here on
+            moments = collect_moments(model, float_model, part, batches(), samples=settings.samples,
+                                      positions=settings.positions, output_shapes=shapes, seed=settings.seed,
+                                      quantized_inputs=settings.quantized_inputs, per_fan_in=settings.rows_per_fan_in)
         stream_seconds += time.perf_counter() - t0
         for layer in part:
             rows.append(_round_layer(model, layer, moments.pop(layer.name), settings))
+            if frontiers:
+                frontiers[0].changed(_initializers_of(model, layer))
             bar.update(1)
     bar.close()
     report = {
@@ -110,8 +118,43 @@ def adaround(
         "adarounded": sum(r["kept"] == "adaround" for r in rows),
         "seconds": round(time.perf_counter() - start, 2),
         "stream_seconds": round(stream_seconds, 2),
+        **({"cached_activations": frontiers is not None} if settings.quantized_inputs else {}),
     }
     return model, report
+
+
+def _frontiers(model: onnx.ModelProto, float_model: onnx.ModelProto, batches: Callable[[], Iterable[dict]],
+               settings: AdaRoundSettings) -> tuple[Frontier, Frontier]:
+    """The QDQ and float models' values kept at the current layer (`frontier`), over the first `samples`."""
+    feeds = list(islice(batches(), settings.samples))
+    return Frontier(model, feeds, npu_emulation=True), Frontier(float_model, feeds, optimize=False)
+
+
+def _from_frontiers(frontiers: tuple[Frontier, Frontier], model: onnx.ModelProto, float_model: onnx.ModelProto,
+                    layer: QuantLayer, settings: AdaRoundSettings, shapes: dict) -> dict[str, LayerMoments] | None:
+    """One layer's moments from the kept values (what `collect_moments` streams from the inputs), or None
+    when keeping them would pass the memory limit."""
+    quantized, floats = frontiers
+    xs = quantized.values(model, [layer.input])
+    ys = floats.values(float_model, [layer.output]) if xs is not None else None
+    if ys is None:
+        return None
+    moments, keep = empty_moments([layer], samples=settings.samples, positions=settings.positions,
+                                  output_shapes=shapes, per_fan_in=settings.rows_per_fan_in)
+    for index, (x, y) in enumerate(zip(xs, ys)):
+        add_sample(moments, keep, [layer], index, x, y, settings.seed)
+    moments[layer.name].finish()
+    return moments
+
+
+def _initializers_of(model: onnx.ModelProto, layer: QuantLayer) -> set[str]:
+    """The initializers rounding `layer` may have rewritten: its weight and what its bias input reads."""
+    names = {layer.weight_int}
+    if len(layer.node.input) > 2 and layer.node.input[2]:
+        bias = layer.node.input[2]
+        names.add(bias)
+        names.update(i for n in model.graph.node if bias in n.output for i in n.input)
+    return names
 
 
 def _round_layer(model: onnx.ModelProto, layer: QuantLayer, m: LayerMoments, settings: AdaRoundSettings) -> dict:

@@ -26,7 +26,7 @@ import onnx
 from ...core.onnx_io import expose_outputs, make_session
 from .layers import QuantLayer
 
-__all__ = ["LayerMoments", "collect_moments"]
+__all__ = ["LayerMoments", "collect_moments", "empty_moments", "add_sample"]
 
 
 @dataclass
@@ -149,6 +149,30 @@ def rows_per_sample(layer: QuantLayer, shape: list[int] | None, positions: int, 
     return min(wanted, positions)
 
 
+def empty_moments(
+    layers: list[QuantLayer], *, samples: int, positions: int, output_shapes: dict[str, list[int]] | None = None,
+    per_fan_in: int = 16,
+) -> tuple[dict[str, LayerMoments], dict[str, int]]:
+    """({layer name: empty moments}, {layer name: output positions kept per sample})."""
+    shapes = output_shapes or {}
+    moments: dict[str, LayerMoments] = {}
+    keep = {}
+    for layer in layers:
+        fan_in = layer.grouped(layer.w_float).shape[2]
+        keep[layer.name] = rows_per_sample(layer, shapes.get(layer.output), positions, samples, per_fan_in)
+        few = samples * keep[layer.name] < fan_in
+        moments[layer.name] = LayerMoments.empty(layer.group, fan_in, layer.n_out // layer.group, few)
+    return moments, keep
+
+
+def add_sample(moments: dict[str, LayerMoments], keep: dict[str, int], layers: list[QuantLayer], index: int,
+               xs: list[np.ndarray], ys: list[np.ndarray], seed: int = 0) -> None:
+    """Sample `index`'s rows into each layer's moments: xs its inputs, ys its float outputs, per layer."""
+    for number, (layer, x, y) in enumerate(zip(layers, xs, ys)):
+        rng = np.random.default_rng([seed, index, number])
+        moments[layer.name].add(*_layer_rows(layer, x, y, keep[layer.name], rng))
+
+
 def collect_moments(
     qmodel: onnx.ModelProto, float_model: onnx.ModelProto, layers: list[QuantLayer], batches: Iterable[dict],
     *, samples: int, positions: int, output_shapes: dict[str, list[int]] | None = None, seed: int = 0,
@@ -169,14 +193,8 @@ def collect_moments(
     exposed = list(dict.fromkeys(wanted))  # a layer's input may be another layer's output
     fsession = make_session(expose_outputs(float_model, exposed, replace=True).SerializeToString(), optimize=False)
     position = {name: i for i, name in enumerate(exposed)}
-    shapes = output_shapes or {}
-    moments: dict[str, LayerMoments] = {}
-    keep = {}
-    for layer in layers:
-        fan_in = layer.grouped(layer.w_float).shape[2]
-        keep[layer.name] = rows_per_sample(layer, shapes.get(layer.output), positions, samples, per_fan_in)
-        few = samples * keep[layer.name] < fan_in
-        moments[layer.name] = LayerMoments.empty(layer.group, fan_in, layer.n_out // layer.group, few)
+    moments, keep = empty_moments(layers, samples=samples, positions=positions, output_shapes=output_shapes,
+                                  per_fan_in=per_fan_in)
     f_inputs = {i.name for i in fsession.get_inputs()}
     q_inputs = {i.name for i in qsession.get_inputs()} if qsession is not None else set()
     for index, batch in enumerate(batches):
@@ -189,9 +207,7 @@ def collect_moments(
             xs = [q_values[q_position[l.input]] for l in layers]
         else:
             xs = [values[position[l.float_input]] for l in layers]
-        for number, (layer, x, y) in enumerate(zip(layers, xs, ys)):
-            rng = np.random.default_rng([seed, index, number])
-            moments[layer.name].add(*_layer_rows(layer, x, y, keep[layer.name], rng))
+        add_sample(moments, keep, layers, index, xs, ys, seed)
     for m in moments.values():
         m.finish()
     return moments
