@@ -286,8 +286,12 @@ def test_quantize_stage_applies_the_cnn_preset_where_the_recipe_is_silent(tiny_c
     settings, _ = resolve_settings(silent, model, target, Format.XINT8)  # alignment sees the moved tensors
     assert [n for n, _ in settings.transforms] == [
         "cross_layer_equalization", "bias_absorption", "pow2_alignment", "adaround"]
-    assert dict(settings.transforms)["adaround"]["quantized_inputs"] is True  # XINT8: sequential AdaRound
+    # 8-bit activations: AdaRound on the quantized model's inputs, layer by layer; 16-bit: on float inputs.
+    assert dict(settings.transforms)["adaround"]["quantized_inputs"] is True
+    settings, _ = resolve_settings(silent, model, target, Format.A16W8)
+    assert dict(settings.transforms)["adaround"] == {}
     settings, _ = resolve_settings(silent, model, target, Format.A8W8)
+    assert dict(settings.transforms)["adaround"] == {"quantized_inputs": True}
     assert settings.method == "percentile" and settings.weight_method == "mse" and used["family"] == "cnn"
     explicit = load_recipe(tiny_cnn_recipe(
         calibration={"data": {"kind": "npz", "path": "calib.npz"}, "samples": 16, "method": "minmax"},

@@ -8,8 +8,8 @@ when `calibration.method` is not set, its weight range method when `quantization
 - `cnn` (a graph with Conv layers and no attention): cross-layer equalization (ReLU6 kept, bounded by the
   calibration statistics), bias absorption (ReLU6 outputs read by 1x1 convolutions centred on 0 for the
   symmetric int8 grid), for power-of-two formats (XINT8) power-of-two alignment of the activations,
-  AdaRound with bias correction after Q/DQ insertion (for XINT8 on the quantized model's inputs, layer
-  by layer), percentile activation ranges, MSE weight ranges.
+  AdaRound with bias correction after Q/DQ insertion (with 8-bit activations, XINT8 and A8W8, on the
+  quantized model's inputs, layer by layer), percentile activation ranges, MSE weight ranges.
   Per-tensor int8 MobileNetV2 needs all of them (see the README's figures).
 - `transformer` (a graph with attention): MSE weight ranges only (MiniLM A8W8: mean nearest-neighbour
   agreement over validation and three held-out sets 93.0% -> 94.4%, every set better or equal).
@@ -88,22 +88,26 @@ def choose_preset(name: str, model: onnx.ModelProto, *, family: str | None = Non
     return PRESETS[name]
 
 
-def preset_steps(preset: Preset, *, power_of_two: bool, method: str, percentile: float) -> list[tuple[str, dict]]:
+def preset_steps(preset: Preset, *, power_of_two: bool, method: str, percentile: float,
+                 activation_bits: int | None = None) -> list[tuple[str, dict]]:
     """The preset's transforms for one format: with power-of-two scales, the activations are aligned to
     the grid (with the range method the quantizer will use) after the float-graph transforms that move
-    activations (equalization, bias absorption), so it sees the tensors the quantizer will."""
+    activations (equalization, bias absorption), so it sees the tensors the quantizer will. With 8-bit
+    activations AdaRound runs on the quantized model's inputs, layer by layer (below)."""
     steps = [(name, dict(cfg)) for name, cfg in preset.transforms]
     if power_of_two and any(name == "cross_layer_equalization" for name, _ in steps):
         moving = ("cross_layer_equalization", "bias_absorption")
         at = max(i for i, (name, _) in enumerate(steps) if name in moving) + 1
         steps.insert(at, ("pow2_alignment", {"method": method, "percentile": percentile}))
-    if power_of_two:
-        # Power-of-two scales round every activation range up to the next power of two: the activation
-        # error is larger, and AdaRound on the quantized model's inputs, layer by layer, absorbs much of
-        # it (MobileNetV2 XINT8 13.9 -> 15.9 dB, 97.9 -> 99.3% confident top-1) at several times the
-        # AdaRound time; on 8-bit formats with float scales it buys less (A8W8 +0.7 dB).
+    if power_of_two or activation_bits == 8:
+        # 8-bit activations (power-of-two scales all the more: every range rounds up to the next power of
+        # two) leave an error each layer passes on; AdaRound on the quantized model's inputs, layer by
+        # layer, absorbs much of it into the rounding and the bias correction. MobileNetV2 on an AVX-only
+        # x86: XINT8 15.6 -> 16.1 dB (32 -> 64 samples), A8W8 16.7 -> 17.8 dB; 16-bit activations pass on
+        # little, so A16W8 keeps the float inputs. It costs about what AdaRound on float inputs does
+        # since each layer runs from the previous layer's kept activations (`adaround.frontier`).
         steps = [(name, {**cfg, **_SEQUENTIAL}) if name == "adaround" else (name, cfg) for name, cfg in steps]
     return steps
 
 
-_SEQUENTIAL = {"quantized_inputs": True, "samples": 32}
+_SEQUENTIAL = {"quantized_inputs": True}

@@ -77,7 +77,7 @@ def resolve_settings(recipe: Recipe, model, target, fmt: Format) -> tuple[Quanti
     settings = QuantizeSettings(
         target=target, fmt=fmt, method=method, percentile=calibration.percentile, exclude_nodes=tuple(q.exclude_nodes),
         transforms=steps or preset_steps(preset, power_of_two=fmt.spec.power_of_two, method=method,
-                                         percentile=calibration.percentile),
+                                         percentile=calibration.percentile, activation_bits=fmt.spec.activation_bits),
         transform_samples=min(q.transform_samples, calibration.samples),
         promoted_method=q.fallback.promoted_method,
         weight_method=q.weight_method or preset.weight_method,
