@@ -75,7 +75,9 @@ def test_direction_classifier_a8w8(tmp_path: Path):
 
 @pytest.mark.slow
 def test_ctc_recognizer_a8w8_holds_and_a_broken_conversion_fails_its_gates(tmp_path: Path):
-    gates = [{"metric": "nonblank_agreement", "min": 80}, {"metric": "char_error_rate", "max": 12}]
+    # It reads 96.9% of the non-blank steps at CER 1.9% (AdaRound on quantized inputs; 90% and 3.7% on float
+    # inputs): the gates leave a margin for other CPUs and fail a recognizer that stops reading.
+    gates = [{"metric": "nonblank_agreement", "min": 88}, {"metric": "char_error_rate", "max": 6}]
     task = {"outputs": {"softmax_11.tmp_0": {"task": "ctc", "blank": 0}}}
     recipe = _recipe(tmp_path, "rec", [1, 3, 48, 320], "text_lines", 48, task, gates)
     code, output = _run(recipe)
@@ -87,7 +89,7 @@ def test_ctc_recognizer_a8w8_holds_and_a_broken_conversion_fails_its_gates(tmp_p
     assert sum(prepare["affine_folded_into_conv"].values()) >= 60, prepare
     assert model_family(onnx.load(str(out / "prepare" / "model.onnx"))) == "cnn"  # an attention neck, conv MACs
     metrics = json.loads((out / "validate" / "metrics.json").read_text())["outputs"]["softmax_11.tmp_0"]
-    assert metrics["nonblank_agreement"] >= 80 and metrics["char_error_rate"] <= 12, metrics
+    assert metrics["nonblank_agreement"] >= 88 and metrics["char_error_rate"] <= 6, metrics
     assert check_artifact(out / "artifact", "xdna2", "a8w8")["npu_mac_share"] == 1.0
     print(f"PP-OCRv4 recognizer A8W8: non-blank agreement {metrics['nonblank_agreement']:.1f}%, "
           f"strings {metrics['string_agreement']:.1f}%, CER {metrics['char_error_rate']:.1f}%")
