@@ -15,7 +15,8 @@ accumulation). When an initializer an already run node reads changes (the caller
 weights were used before the cut), the cut goes back to the model's inputs.
 
 Memory: the live set over all samples. When it would pass `limit_bytes` the frontier refuses (`values`
-returns None) and the caller streams from the inputs as before; nothing is kept then.
+returns None), keeps nothing and starts again from the inputs at the next call; the caller streams that
+layer from the inputs as before.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from ...core.onnx_io import make_session, subgraph_reads
 
 __all__ = ["Frontier", "CACHE_LIMIT_BYTES"]
 
-CACHE_LIMIT_BYTES = 1 << 30  # per frontier; over it AdaRound streams from the model's inputs per layer
+# Per model. MobileNetV2 at 64 samples keeps at most 294 MiB; a layer whose values would not fit is
+# streamed from the model's inputs instead, and the next one tries again.
+CACHE_LIMIT_BYTES = 512 << 20
 
 
 class Frontier:

@@ -64,5 +64,6 @@ class AdaRound(QuantizedTransform):
 
     def report(self) -> dict:
         found = getattr(self, "_report", {})
+        kept = {k: found[k] for k in ("layers_from_kept_activations", "layers_streamed") if k in found}
         return {"settings": found.get("settings", {}), "layers": found.get("layers", []),
-                "applied": self.applied, "skipped": self.skipped}
+                "applied": self.applied, "skipped": self.skipped, **kept}
