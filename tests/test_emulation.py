@@ -219,7 +219,7 @@ def test_a_model_cut_to_an_early_value_runs_only_the_nodes_it_needs():
     """`expose_outputs(replace=True)` keeps only what the exposed values depend on (onnxruntime would run
     every node otherwise), with the same values, the graph inputs kept, and names an If branch reads from
     the enclosing graph counted as read."""
-    from pipeline.core.onnx_io import expose_outputs
+    from pipeline.core.onnx_io import expose_outputs, subgraph_reads
     from tests.graph_builders import conv_relu_chain
 
     model = conv_relu_chain()
@@ -242,3 +242,4 @@ def test_a_model_cut_to_an_early_value_runs_only_the_nodes_it_needs():
     model.graph.node.append(helper.make_node("If", ["c"], ["picked"], then_branch=branch("t"), else_branch=branch("e")))
     cut = expose_outputs(model, ["picked"], replace=True)
     assert [n.name for n in cut.graph.node] == ["conv0", "relu0", "conv1", "relu1", model.graph.node[-1].name]
+    assert subgraph_reads(model.graph.node[-1]) == {"r1"}  # not the branches' own outputs

@@ -137,13 +137,19 @@ def expose_outputs(model, names: Sequence[str], *, replace: bool = False):
 
 
 def subgraph_reads(node) -> set[str]:
-    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph, or may."""
+    """Names a node's subgraphs (If/Loop/Scan bodies, nested ones included) read from the enclosing graph:
+    what they read and do not define themselves (as inputs, initializers or node outputs)."""
     reads: set[str] = set()
     for attr in node.attribute:
         for graph in [attr.g, *attr.graphs] if (attr.HasField("g") or attr.graphs) else []:
+            defined = ({i.name for i in graph.input} | {t.name for t in graph.initializer}
+                       | {name for inner in graph.node for name in inner.output})
+            inner_reads = {o.name for o in graph.output}
             for inner in graph.node:
-                reads.update(inner.input)
-                reads |= subgraph_reads(inner)
+                inner_reads.update(inner.input)
+                inner_reads |= subgraph_reads(inner)
+            reads |= inner_reads - defined
+    reads.discard("")
     return reads
 
 

@@ -44,7 +44,13 @@ class Frontier:
         self.session_options = session_options
         self.opsets, self.ir_version = list(model.opset_import), model.ir_version
         self.functions = list(model.functions)
-        self.inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+        # The graph's structure, read once: callers change initializer values between calls, never nodes.
+        graph = model.graph
+        self.constants = {t.name for t in graph.initializer}
+        self.inputs = [i.name for i in graph.input if i.name not in self.constants]
+        self.producer = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
+        # What each node reads, its subgraphs' outer-scope names included.
+        self.reads = [{name for name in node.input if name} | subgraph_reads(node) for node in graph.node]
         self.reset()
 
     def reset(self) -> None:
@@ -61,8 +67,6 @@ class Frontier:
         """Per sample, the values `wanted` of `model` (the same graph as before; initializers may differ, see
         `changed`); None when keeping the live set would pass the memory limit (then nothing is kept)."""
         graph = model.graph
-        constants = {t.name for t in graph.initializer}
-        producer = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
         available = set(self.cached) | set(self.inputs)
         segment: set[int] = set()
         sources: set[str] = set()
@@ -71,24 +75,23 @@ class Frontier:
             name = stack.pop()
             if name in available:
                 sources.add(name)
-            elif name and name not in constants:
-                index = producer[name]
+            elif name not in self.constants:
+                index = self.producer[name]
                 if index not in segment:
                     segment.add(index)
-                    node = graph.node[index]
-                    stack.extend(node.input)
-                    stack.extend(subgraph_reads(node))
-        nodes = [graph.node[i] for i in sorted(segment)]
+                    stack.extend(self.reads[index])
+        order = sorted(segment)
+        nodes = [graph.node[i] for i in order]
         run_outputs = self.run_outputs | {name for node in nodes for name in node.output if name}
         pending = set()
-        for node in graph.node:
+        for node, reads in zip(graph.node, self.reads):
             if not any(name in run_outputs for name in node.output):
-                pending.update(node.input)
-                pending |= subgraph_reads(node)
+                pending |= reads
+        segment_reads = set().union(*(self.reads[i] for i in order))
         made = [name for node in nodes for name in node.output if name]
         keep = [name for name in dict.fromkeys([*self.cached, *made]) if name in pending]
         outputs = list(dict.fromkeys([*wanted, *(name for name in keep if name in made)]))
-        results = self._run(graph, nodes, sorted(sources), outputs, constants) if nodes else None
+        results = self._run(graph, nodes, sorted(sources), outputs, segment_reads) if nodes else None
         per_sample = []
         kept: dict[str, list[np.ndarray]] = {name: [] for name in keep}
         for k in range(len(self.feeds)):
@@ -104,21 +107,20 @@ class Frontier:
             return None
         self.cached = kept
         self.run_outputs = run_outputs
-        self.read_constants |= {name for node in nodes for name in node.input if name in constants}
+        self.read_constants |= segment_reads & self.constants
         return per_sample
 
     def _known(self, name: str, k: int) -> np.ndarray:
         return self.cached[name][k] if name in self.cached else np.asarray(self.feeds[k][name])
 
     def _run(self, graph: onnx.GraphProto, nodes: list, sources: list[str], outputs: list[str],
-             constants: set[str]) -> list[list[np.ndarray]]:
-        """The segment `nodes` as a model fed with `sources`, run on every sample."""
-        reads = {name for node in nodes for name in node.input} | {n for node in nodes for n in subgraph_reads(node)}
+             reads: set[str]) -> list[list[np.ndarray]]:
+        """The segment `nodes` (reading `reads`) as a model fed with `sources`, run on every sample."""
         example = {name: self._known(name, 0) for name in sources}
         inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(example[name].dtype),
                                                 list(example[name].shape)) for name in sources]
         sub = helper.make_graph(nodes, "segment", inputs, [onnx.ValueInfoProto(name=name) for name in outputs],
-                                [t for t in graph.initializer if t.name in reads and t.name in constants])
+                                [t for t in graph.initializer if t.name in reads])
         model = helper.make_model(sub, opset_imports=self.opsets, ir_version=self.ir_version, functions=self.functions)
         session = make_session(model.SerializeToString(), **self.session_options)
         return [session.run(outputs, {name: self._known(name, k) for name in sources}) for k in range(len(self.feeds))]
