@@ -281,15 +281,18 @@ def test_quantize_stage_applies_the_cnn_preset_where_the_recipe_is_silent(tiny_c
     target = get_target("xdna2")
     silent = load_recipe(tiny_cnn_recipe())
     settings, used = resolve_settings(silent, model, target, Format.A8W8)
-    assert [n for n, _ in settings.transforms] == ["cross_layer_equalization", "bias_absorption", "adaround"]
+    assert [n for n, _ in settings.transforms] == [
+        "residual_equalization", "cross_layer_equalization", "bias_absorption", "adaround"]
     assert dict(settings.transforms)["bias_absorption"] == {"consumer_bias": "float"}  # AdaRound's target stays exact
     settings, _ = resolve_settings(silent, model, target, Format.XINT8)  # alignment sees the moved tensors
     assert [n for n, _ in settings.transforms] == [
-        "cross_layer_equalization", "bias_absorption", "pow2_alignment", "adaround"]
-    # 8-bit activations: AdaRound on the quantized model's inputs, layer by layer; 16-bit: on float inputs.
+        "residual_equalization", "cross_layer_equalization", "bias_absorption", "pow2_alignment", "adaround"]
+    # 8-bit activations: AdaRound on the quantized model's inputs, layer by layer; 16-bit: on float inputs,
+    # and no stream equalization (it buys int8 activation resolution with weight resolution).
     assert dict(settings.transforms)["adaround"]["quantized_inputs"] is True
     settings, _ = resolve_settings(silent, model, target, Format.A16W8)
     assert dict(settings.transforms)["adaround"] == {}
+    assert "residual_equalization" not in dict(settings.transforms)
     settings, _ = resolve_settings(silent, model, target, Format.A8W8)
     assert dict(settings.transforms)["adaround"] == {"quantized_inputs": True}
     assert settings.method == "percentile" and settings.weight_method == "mse" and used["family"] == "cnn"
@@ -414,3 +417,81 @@ def test_layer_errors_reduced_in_one_graph_equal_numpy_on_every_value():
     assert all(exposed[t].sqnr_db == pytest.approx(want[t].sqnr_db, abs=0.05) for t in pairs)
     # The ReLU6 inputs are quantized on the ReLU6's range: not layers of their own in the ranking.
     assert {e.tensor for e in layer_errors(model, qmodel, batches)} & {"ce", "cd"} == set()
+
+
+def _stream_model(head: str = "conv", relu_after_add: bool = False, seed: int = 3):
+    """stem 1x1 -> two inverted-residual blocks (expand 1x1 -> ReLU6 -> depthwise 3x3 -> ReLU6 -> project
+    1x1, + the stream) -> head. The stem writes stream channels two decades apart (rows scaled 20 ... 0.05),
+    as MobileNetV2's projections do; the stream t0 -> t1 -> t2 is read by both expands and the head (a 1x1
+    conv; or a GlobalAveragePool, which cannot take a scale). `relu_after_add`: ResNet-style, a Relu after
+    each Add carries the stream on."""
+    rng = np.random.default_rng(seed)
+    c, e = 6, 12
+    inits = {"w0": rng.standard_normal((c, 3, 1, 1)) * np.array([20, 0.2, 1, 0.05, 3, 0.5])[:, None, None, None],
+             "b0": rng.standard_normal(c) * 0.1, "lo": np.array(0.0), "hi": np.array(6.0)}
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["t0"], name="stem")]
+    stream = "t0"
+    for i in (1, 2):
+        inits.update({f"we{i}": rng.standard_normal((e, c, 1, 1)) * 0.3, f"be{i}": rng.standard_normal(e) * 0.1,
+                      f"wd{i}": rng.standard_normal((e, 1, 3, 3)) * 0.3, f"bd{i}": rng.standard_normal(e) * 0.1,
+                      f"wp{i}": rng.standard_normal((c, e, 1, 1)) * 0.3, f"bp{i}": np.zeros(c)})
+        nodes += [
+            helper.make_node("Conv", [stream, f"we{i}", f"be{i}"], [f"ce{i}"], name=f"expand{i}"),
+            helper.make_node("Clip", [f"ce{i}", "lo", "hi"], [f"re{i}"], name=f"relu6_e{i}"),
+            helper.make_node("Conv", [f"re{i}", f"wd{i}", f"bd{i}"], [f"cd{i}"], name=f"depthwise{i}", group=e,
+                             pads=[1, 1, 1, 1]),
+            helper.make_node("Clip", [f"cd{i}", "lo", "hi"], [f"rd{i}"], name=f"relu6_d{i}"),
+            helper.make_node("Conv", [f"rd{i}", f"wp{i}", f"bp{i}"], [f"p{i}"], name=f"project{i}"),
+            helper.make_node("Add", [stream, f"p{i}"], [f"a{i}" if relu_after_add else f"t{i}"], name=f"add{i}"),
+        ]
+        if relu_after_add:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [f"t{i}"], name=f"relu{i}"))
+        stream = f"t{i}"
+    if head == "conv":
+        inits["wh"] = rng.standard_normal((4, c, 1, 1)) * 0.5
+        nodes.append(helper.make_node("Conv", [stream, "wh"], ["y"], name="head"))
+    else:
+        nodes.append(helper.make_node("GlobalAveragePool", [stream], ["y"], name="pool"))
+    return _model(nodes, inits, [("x", [1, 3, 6, 6])], ["y"])
+
+
+@pytest.mark.parametrize("relu_after_add", [False, True], ids=["inverted-residual", "relu-after-add"])
+def test_residual_equalization_levels_the_stream_and_keeps_the_float_function(relu_after_add):
+    model = _stream_model(relu_after_add=relu_after_add)
+    batches = _batches(32, (1, 3, 6, 6))
+    result = apply_transforms(model, make_transforms([("residual_equalization", {})]), TransformContext(batches, 32))
+    report = result.report["residual_equalization"]
+    [stream] = report["applied"]
+    assert stream["tensor"] == "t2" and stream["tensors"] == (7 if relu_after_add else 5)
+    assert sorted(stream["writers"]) == ["project1", "project2", "stem"]
+    assert sorted(stream["readers"]) == ["expand1", "expand2", "head"]
+    # The quietest stream channel's share of the per-tensor int8 range grows (by the square root of the
+    # spread with the default weights: half the levelling goes to the readers' weights).
+    assert stream["worst_channel_share_after"] > 5 * stream["worst_channel_share_before"]
+    assert {"t0", "t1", "t2", "p1", "p2"} <= result.stale
+    for batch in batches():
+        ref, got = _run(model, batch)[0], _run(result.model, batch)[0]
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+
+
+def test_residual_equalization_cuts_the_int8_error_of_an_unbalanced_stream():
+    model = _stream_model()
+    batches = _batches(32, (1, 3, 6, 6))
+    plain = _layer_error(model, _quantized(model, batches), batches)
+    result = apply_transforms(model, make_transforms([("residual_equalization", {})]), TransformContext(batches, 32))
+    levelled = _layer_error(model, _quantized(result.model, batches), batches)
+    assert levelled < 0.5 * plain  # relative squared error of the head's output, A8W8 min/max ranges
+
+
+def test_residual_equalization_leaves_a_stream_with_a_reader_that_takes_no_scale():
+    model = _stream_model(head="pool")
+    batches = _batches(8, (1, 3, 6, 6))
+    result = apply_transforms(model, make_transforms([("residual_equalization", {})]), TransformContext(batches, 8))
+    report = result.report["residual_equalization"]
+    assert not report["applied"] and not result.stale
+    [why] = report["skipped"]
+    assert "GlobalAveragePool 'pool'" in why["reason"] or "graph output" in why["reason"]
+    # The stream ending in a graph output (the residual block alone) is refused for that reason.
+    alone = apply_transforms(_residual_block(), make_transforms([("residual_equalization", {})]),
+                             TransformContext(_batches(8, (1, 3, 6, 6)), 8))
+    assert "graph output" in alone.report["residual_equalization"]["skipped"][0]["reason"]

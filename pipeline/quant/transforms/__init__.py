@@ -3,7 +3,7 @@
 channel split; AdaRound and end-to-end fine-tuning after quantization), registered on import."""
 
 from . import (  # noqa: F401  (register the builtin transforms)
-    absorb, adaround, align, bias_correction, equalize, finetune, outlier_split, smoothquant,
+    absorb, adaround, align, bias_correction, equalize, finetune, outlier_split, smoothquant, stream,
 )
 from .base import (
     QuantizedTransform, Transform, TransformContext, TransformResult, apply_transforms, downstream, make_transforms,

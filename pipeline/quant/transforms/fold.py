@@ -36,7 +36,7 @@ import onnx
 from ...core.editable import Editable
 from .layers import weight_layer
 
-__all__ = ["FoldPlan", "plan_fold", "NotFoldable"]
+__all__ = ["FoldPlan", "plan_fold", "plan_site", "NotFoldable"]
 
 _RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 _HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "Identity"})
@@ -157,7 +157,27 @@ def plan_fold(graph: Editable, tensor: str, *, through_clip: bool = False) -> Fo
     channels = shape[axis]
     labels = np.broadcast_to(_along(np.arange(channels), len(shape), axis), shape).copy()
     plan = FoldPlan(tensor, consumers, consumers[0], np.arange(channels))
-    current = tensor
+    return _trace_site(graph, plan, labels, through_clip)
+
+
+def plan_site(graph: Editable, tensor: str, axis: int, *, through_clip: bool = False) -> FoldPlan:
+    """The fold site upstream of `tensor` (channels along `axis`), as a `FoldPlan` with no consumers:
+    its `apply(graph, s, tag)` makes `tensor` X / s and leaves its readers to the caller (the residual
+    stream's equalization scales every reader of a stream itself). `tensor` may have several readers;
+    every tensor further up the path must have one."""
+    if tensor in graph.outputs:
+        raise NotFoldable(f"'{tensor}' is a graph output")
+    shape = _need_shape(graph, tensor)
+    axis %= len(shape)
+    labels = np.broadcast_to(_along(np.arange(shape[axis]), len(shape), axis), shape).copy()
+    plan = FoldPlan(tensor, [], graph.producer.get(tensor), np.arange(shape[axis]))
+    return _trace_site(graph, plan, labels, through_clip)
+
+
+def _trace_site(graph: Editable, plan: FoldPlan, labels: np.ndarray, through_clip: bool) -> FoldPlan:
+    """Walk from `plan.tensor` up to its fold site, filling the plan (site, site_map, path, biases, clips)."""
+    channels = plan.channels
+    current = plan.tensor
     while True:
         plan.path.append(current)
         node = graph.producer.get(current)
