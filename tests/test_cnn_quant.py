@@ -283,7 +283,8 @@ def test_quantize_stage_applies_the_cnn_preset_where_the_recipe_is_silent(tiny_c
     settings, used = resolve_settings(silent, model, target, Format.A8W8)
     assert [n for n, _ in settings.transforms] == [
         "residual_equalization", "cross_layer_equalization", "bias_absorption", "adaround"]
-    assert dict(settings.transforms)["bias_absorption"] == {"consumer_bias": "float"}  # AdaRound's target stays exact
+    # AdaRound's target stays exact; 8-bit: a padded conv's input is centred too (an explicit Pad).
+    assert dict(settings.transforms)["bias_absorption"] == {"consumer_bias": "float", "padded": "pad"}
     settings, _ = resolve_settings(silent, model, target, Format.XINT8)  # alignment sees the moved tensors
     assert [n for n, _ in settings.transforms] == [
         "residual_equalization", "cross_layer_equalization", "bias_absorption", "pow2_alignment", "adaround"]
@@ -292,6 +293,7 @@ def test_quantize_stage_applies_the_cnn_preset_where_the_recipe_is_silent(tiny_c
     assert dict(settings.transforms)["adaround"]["quantized_inputs"] is True
     settings, _ = resolve_settings(silent, model, target, Format.A16W8)
     assert dict(settings.transforms)["adaround"] == {}
+    assert dict(settings.transforms)["bias_absorption"] == {"consumer_bias": "float"}
     assert "residual_equalization" not in dict(settings.transforms)
     settings, _ = resolve_settings(silent, model, target, Format.A8W8)
     assert dict(settings.transforms)["adaround"] == {"quantized_inputs": True}
@@ -495,3 +497,39 @@ def test_residual_equalization_leaves_a_stream_with_a_reader_that_takes_no_scale
     alone = apply_transforms(_residual_block(), make_transforms([("residual_equalization", {})]),
                              TransformContext(_batches(8, (1, 3, 6, 6)), 8))
     assert "graph output" in alone.report["residual_equalization"]["skipped"][0]["reason"]
+
+
+def test_bias_absorption_pads_explicitly_before_a_padded_conv_and_keeps_one_grid():
+    """A ReLU6 output that a 3x3 depthwise conv reads: centred too, the conv's zero padding made an
+    explicit Pad of the shifted zero (exact); alignment folds through it with one scale, equalization (a
+    scale per channel) refuses it, and the quantizer gives the Pad's output its input's grid."""
+    import onnx
+
+    model = _residual_block()
+    batches = _batches(16, (1, 3, 6, 6))
+    result = apply_transforms(model, make_transforms([("bias_absorption", {"padded": "pad"})]), TransformContext(batches, 16))
+    applied = {a["activation"]: a for a in result.report["bias_absorption"]["applied"]}
+    assert set(applied) == {"relu6_e", "relu6_d"} and applied["relu6_e"]["pads"]
+    onnx.checker.check_model(result.model)
+    nodes = {n.name: n for n in result.model.graph.node}
+    [pad] = [n for n in result.model.graph.node if n.op_type == "Pad"]
+    assert nodes["depthwise"].input[0] == pad.output[0] and pad.input[0] == "re"
+    assert list(next(a for a in nodes["depthwise"].attribute if a.name == "pads").ints) == [0, 0, 0, 0]
+    pad_value = next(numpy_helper.to_array(t) for t in result.model.graph.initializer if t.name == pad.input[2])
+    assert float(pad_value) == pytest.approx(-applied["relu6_e"]["shift"])
+    for batch in batches():
+        np.testing.assert_allclose(_run(result.model, batch)[0], _run(model, batch)[0], rtol=1e-4, atol=1e-4)
+
+    aligned = apply_transforms(result.model, make_transforms([("pow2_alignment", {"method": "minmax"})]),
+                               TransformContext(batches, 16))
+    assert pad.output[0] in {a["tensor"] for a in aligned.report["pow2_alignment"]["applied"]}
+    for batch in batches():
+        np.testing.assert_allclose(_run(aligned.model, batch)[0], _run(model, batch)[0], rtol=1e-4, atol=1e-4)
+    cle = apply_transforms(result.model, make_transforms([("cross_layer_equalization", {})]), TransformContext(batches, 16))
+    assert any(s["tensor"] == pad.output[0] and "pads with" in s["reason"]
+               for s in cle.report["cross_layer_equalization"]["skipped"])
+
+    qmodel = _quantized(result.model, batches)
+    inits = {t.name: numpy_helper.to_array(t) for t in qmodel.graph.initializer}
+    scale_of = {n.input[0]: float(inits[n.input[1]]) for n in qmodel.graph.node if n.op_type == "QuantizeLinear"}
+    assert scale_of[pad.output[0]] == scale_of["re"]

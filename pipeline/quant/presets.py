@@ -113,7 +113,12 @@ def preset_steps(preset: Preset, *, power_of_two: bool, method: str, percentile:
         # little, so A16W8 keeps the float inputs. It costs about what AdaRound on float inputs does
         # since each layer runs from the previous layer's kept activations (`adaround.frontier`).
         steps = [(name, {**cfg, **_SEQUENTIAL}) if name == "adaround" else (name, cfg) for name, cfg in steps]
+        # An 8-bit ReLU6 output that a padded (depthwise) conv reads is centred too, its padding made an
+        # explicit Pad of the shifted zero: MobileNetV2 A8W8 18.2 -> 18.5 dB (16-bit activations have the
+        # bit to spare and keep the op count).
+        steps = [(name, {**cfg, **_PADDED}) if name == "bias_absorption" else (name, cfg) for name, cfg in steps]
     return steps
 
 
 _SEQUENTIAL = {"quantized_inputs": True}
+_PADDED = {"padded": "pad"}

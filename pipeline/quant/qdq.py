@@ -177,6 +177,16 @@ def _int8_copy(stats: TensorStats, readers, lo_hi, spec, method: str, percentile
     return conv
 
 
+def padded_outputs(model: onnx.ModelProto) -> dict[str, str]:
+    """{output: input} of every constant-mode Pad (the value's own Q/DQ is onnxruntime's, exact)."""
+    found = {}
+    for node in model.graph.node:
+        mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+        if node.op_type == "Pad" and mode in (b"constant", "constant"):
+            found[node.output[0]] = node.input[0]
+    return found
+
+
 def fused_activation_inputs(model: onnx.ModelProto) -> dict[str, str]:
     """{tensor: the Relu/Clip output it feeds}, for node outputs read only by a Relu, or by a Clip with
     constant bounds and a lower bound <= 0: their Q/DQ take the activation's output range (whatever the
@@ -308,6 +318,17 @@ def quantize_qdq(
             methods[name]["int8_copy"] = {k: v for k, v in conv.items() if k in ("lo", "hi", "method")}
             for key in ("lo", "hi", "method"):
                 conv.pop(key)
+    for out, source in padded_outputs(model).items():
+        # A Pad's output holds its input's values and the pad value (bias absorption's shifted zero, which
+        # lies inside the input's range): one grid for both, as for a zero pad, so no requantization.
+        if source in methods:
+            ranges[out], methods[out] = ranges[source], {**methods[source], "method": f"pad:{methods[source]['method']}"}
+            methods[out].pop("int8_copy", None)
+            shared = [{k: v for k, v in o.items() if k != "convert"} for o in overrides.get(source, [])]
+            if any(shared):
+                overrides[out] = shared
+            else:
+                overrides.pop(out, None)
     fused = fused_activation_inputs(model)
     for source, out in fused.items():
         # The activation's quantization whole, bits included: the NPU's Conv+activation kernel requantizes

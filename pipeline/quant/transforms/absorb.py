@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 from pydantic import Field
 
 from ...core.editable import Editable
@@ -52,6 +53,10 @@ class BiasAbsorptionConfig(TransformConfig):
     # AdaRound use "float": it takes the float model as its target and corrects each output's mean error,
     # so with "quantized" it would steer the quantized model towards the moved float function.
     consumer_bias: Literal["quantized", "float"] = "quantized"
+    # A consumer that pads its input with zeros (a 3x3 depthwise conv): "pad" gives it an explicit Pad
+    # with the shifted zero (-c) as its value and takes its own padding away (exact; one data-movement op
+    # the NPU runs in every format); "skip" leaves the activation uncentred.
+    padded: Literal["pad", "skip"] = "skip"
 
 
 class _Site:
@@ -70,7 +75,7 @@ class BiasAbsorption(Transform):
             if node.op_type not in ("Relu", "Clip"):
                 continue
             try:
-                found.append(_plan(graph, node))
+                found.append(_plan(graph, node, pad=self.config.padded == "pad"))
             except NotFoldable as why:
                 if record:
                     self.skipped.append({"activation": node.name, "reason": str(why)})
@@ -100,8 +105,11 @@ class BiasAbsorption(Transform):
             bias = layer.bias(graph)
             layer.set_bias(graph, (np.zeros(layer.n_out) if bias is None else bias) - c, "absorb")
             _shift_bounds(graph, site.activation, lo, hi, c)
+            padded = []
             for node in site.consumers:
                 consumer = weight_layer(graph, node)
+                if consumer.pads_input():
+                    padded.append(_explicit_pad(graph, node, -c))
                 own = consumer.bias(graph)
                 wq = quantized.get(node.name)
                 usable = wq is not None and wq.shape == consumer.weight.shape
@@ -117,11 +125,12 @@ class BiasAbsorption(Transform):
                 "shift": round(c, 6),
                 "range_before": [max(lo, 0.0), round(top, 6)],
                 "range_after": [round(max(lo, 0.0) - c, 6), round(top - c, 6)],
+                **({"pads": padded} if padded else {}),
             })
         return stale
 
 
-def _plan(graph: Editable, act: onnx.NodeProto) -> _Site:
+def _plan(graph: Editable, act: onnx.NodeProto, *, pad: bool = False) -> _Site:
     producer = graph.producer.get(act.input[0])
     layer = weight_layer(graph, producer) if producer is not None else None
     if layer is None or not layer.has_bias_slot or producer.op_type == "ConvTranspose":
@@ -147,7 +156,7 @@ def _plan(graph: Editable, act: onnx.NodeProto) -> _Site:
         layer = weight_layer(graph, node)
         if layer is None or node.input[0] != current or node.op_type not in ("Conv", "Gemm"):
             raise NotFoldable(f"read by {node.op_type} '{node.name}', which has no bias to take the shift")
-        if layer.pads_input():
+        if layer.pads_input() and not (pad and _explicit_pads(graph, node) is not None):
             raise NotFoldable(f"{node.op_type} '{node.name}' pads its input with zeros (the borders would change)")
         consumers.append(node)
     return _Site(producer, act, path, consumers)
@@ -162,3 +171,52 @@ def _shift_bounds(graph: Editable, act: onnx.NodeProto, lo: float, hi: float, c:
     graph.set_input_const(act, 1, np.array(lo - c), "absorb")
     if np.isfinite(hi):
         graph.set_input_const(act, 2, np.array(hi - c), "absorb")
+
+
+def _explicit_pads(graph: Editable, conv: onnx.NodeProto) -> list[int] | None:
+    """The Conv's `pads` (begins then ends, spatial axes) when written out (auto_pad NOTSET), else None."""
+    auto = graph.attr(conv, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    pads = graph.attr(conv, "pads", None)
+    if auto != "NOTSET" or conv.op_type != "Conv" or not pads or graph.shape(conv.input[0]) is None:
+        return None
+    return [int(p) for p in pads]
+
+
+def _explicit_pad(graph: Editable, conv: onnx.NodeProto, value: float) -> str:
+    """Put `Pad(x, value)` in front of `conv` with the Conv's own padding, and take that padding away: a
+    shifted activation's zero is `value`, and the Conv's implicit zeros would stand for something else."""
+    pads = _explicit_pads(graph, conv)
+    source = conv.input[0]
+    shape = graph.shape(source)
+    spatial = len(pads) // 2
+    lead = len(shape) - spatial
+    full = [0] * lead + pads[:spatial] + [0] * lead + pads[spatial:]
+    out = graph.names.fresh(f"{source}_padded")
+    pads_name = graph.names.fresh(f"{conv.name or out}_pads")
+    value_name = graph.names.fresh(f"{conv.name or out}_pad_value")
+    for name, array in ((pads_name, np.array(full, np.int64)), (value_name, np.array(value, np.float32))):
+        tensor = numpy_helper.from_array(array, name)
+        graph.model.graph.initializer.append(tensor)
+        graph.inits[name] = tensor
+    node = helper.make_node("Pad", [source, pads_name, value_name], [out], name=graph.names.fresh(f"{conv.name}_pad"),
+                            mode="constant")
+    nodes = graph.model.graph.node
+    position = next(i for i, n in enumerate(nodes) if n is conv)
+    nodes.insert(position, node)
+    node = nodes[position]  # the graph's copy
+    conv = nodes[position + 1]
+    conv.input[0] = out
+    for attr in conv.attribute:
+        if attr.name == "pads":
+            del attr.ints[:]
+            attr.ints.extend([0] * len(pads))
+    # Keep the index current for the transforms after this one.
+    graph.producer[out] = node
+    graph.consumers[source] = [node if n is conv else n for n in graph.consumers.get(source, [])]
+    graph.consumers[out] = [conv]
+    graph.consumers.setdefault(pads_name, []).append(node)
+    graph.consumers.setdefault(value_name, []).append(node)
+    graph.shapes[out] = tuple(d + pads[i - lead] + pads[i - lead + spatial] if i >= lead else d
+                              for i, d in enumerate(shape))
+    return out

@@ -46,7 +46,7 @@ class Pow2Alignment(Transform):
         found = {}
         for tensor, consumers in weight_inputs(graph, self.ops).items():
             try:
-                found[tensor] = plan_fold(graph, tensor, through_clip=True)
+                found[tensor] = plan_fold(graph, tensor, through_clip=True, uniform=True)
             except NotFoldable as why:
                 self.skipped.append({"tensor": tensor, "consumers": [n.name for n in consumers], "reason": str(why)})
         return found

@@ -12,6 +12,9 @@ Between the site and X the path may hold:
 - Relu, LeakyRelu, MaxPool, AveragePool, GlobalAveragePool, Identity: positively homogeneous per channel,
   so f(x / s) = f(x) / s for s > 0;
 - Add of a per-channel constant (a bias: scaled too);
+- Pad (constant mode, spatial axes): with the value 0 for any scales; with another value (bias
+  absorption's shifted zero) only for one scale common to all channels (`uniform=True`: power-of-two
+  alignment), the value scaled with it;
 - Clip, only when the caller asks (`through_clip=True`): Clip(x / s, lo, hi) equals Clip(x, lo, hi) / s
   only where x stays inside [lo, hi] and [lo s, hi s] alike, so the plan lists the Clips (`FoldPlan.clips`)
   and the caller bounds s per channel from their calibration statistics (see `equalize`);
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ...core.editable import Editable
 from .layers import weight_layer
@@ -61,6 +65,9 @@ class FoldPlan:
     _biases: list[tuple[onnx.NodeProto, int, np.ndarray]] = field(default_factory=list)  # (node, slot, labels)
     # Clips on the path: (node, channel axis of its output, clip_map: consumer channel of each Clip channel).
     clips: list[tuple[onnx.NodeProto, int, np.ndarray]] = field(default_factory=list)
+    # Pads on the path whose value is not 0 (bias absorption's shifted zero): exact only for one scale
+    # common to all channels, which `apply` then divides the value by (`plan_fold(..., uniform=True)`).
+    pads: list[onnx.NodeProto] = field(default_factory=list)
 
     @property
     def channels(self) -> int:
@@ -88,6 +95,11 @@ class FoldPlan:
         for node, slot, labels in self._biases:
             value = graph.const(node.input[slot])
             graph.set_input_const(node, slot, value / s[labels], tag)
+        if self.pads:
+            if not np.allclose(s, s[0], rtol=1e-12, atol=0):
+                raise ValueError(f"fold {self.tensor}: a Pad with a non-zero value on the path takes one scale only")
+            for node in self.pads:
+                graph.set_input_const(node, 2, graph.const(node.input[2]) / s[0], tag)
 
 
 def _along(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
@@ -138,9 +150,11 @@ def _label_axis(labels: np.ndarray) -> int:
     raise NotFoldable("channels are mixed with other axes on the way")
 
 
-def plan_fold(graph: Editable, tensor: str, *, through_clip: bool = False) -> FoldPlan:
+def plan_fold(graph: Editable, tensor: str, *, through_clip: bool = False, uniform: bool = False) -> FoldPlan:
     """A `FoldPlan` for `tensor`, or raises NotFoldable with the reason. `through_clip`: a Clip may sit
-    on the path (listed in `FoldPlan.clips`; the caller must bound the scales, see the module docstring)."""
+    on the path (listed in `FoldPlan.clips`; the caller must bound the scales, see the module docstring).
+    `uniform`: the caller scales every channel alike, so a Pad with a non-zero value may sit on the path
+    (`FoldPlan.pads`)."""
     consumers = graph.consumers.get(tensor, [])
     if not consumers or tensor in graph.outputs:
         raise NotFoldable("read by no weight layer, or a graph output")
@@ -157,7 +171,7 @@ def plan_fold(graph: Editable, tensor: str, *, through_clip: bool = False) -> Fo
     channels = shape[axis]
     labels = np.broadcast_to(_along(np.arange(channels), len(shape), axis), shape).copy()
     plan = FoldPlan(tensor, consumers, consumers[0], np.arange(channels))
-    return _trace_site(graph, plan, labels, through_clip)
+    return _trace_site(graph, plan, labels, through_clip, uniform)
 
 
 def plan_site(graph: Editable, tensor: str, axis: int, *, through_clip: bool = False) -> FoldPlan:
@@ -174,7 +188,8 @@ def plan_site(graph: Editable, tensor: str, axis: int, *, through_clip: bool = F
     return _trace_site(graph, plan, labels, through_clip)
 
 
-def _trace_site(graph: Editable, plan: FoldPlan, labels: np.ndarray, through_clip: bool) -> FoldPlan:
+def _trace_site(graph: Editable, plan: FoldPlan, labels: np.ndarray, through_clip: bool,
+                uniform: bool = False) -> FoldPlan:
     """Walk from `plan.tensor` up to its fold site, filling the plan (site, site_map, path, biases, clips)."""
     channels = plan.channels
     current = plan.tensor
@@ -189,7 +204,7 @@ def _trace_site(graph: Editable, plan: FoldPlan, labels: np.ndarray, through_cli
         if site_axis is not None:
             plan.site, plan.site_axis, plan.site_map = node, site_axis, _per_channel(labels, site_axis)
             break
-        src, labels = _step_back(graph, node, labels, plan, through_clip)
+        src, labels = _step_back(graph, node, labels, plan, through_clip, uniform)
         if graph.only_consumer(src) is None:
             raise NotFoldable(f"'{src}' is also read elsewhere (e.g. a residual Add)")
         current = src
@@ -219,7 +234,7 @@ def _site_axis(graph: Editable, node: onnx.NodeProto, labels: np.ndarray) -> int
 
 
 def _step_back(graph: Editable, node: onnx.NodeProto, labels: np.ndarray, plan: FoldPlan,
-               through_clip: bool = False) -> tuple[str, np.ndarray]:
+               through_clip: bool = False, uniform: bool = False) -> tuple[str, np.ndarray]:
     """Move the labels from `node`'s output to the input on the path: (that input's name, its labels)."""
     op = node.op_type
     if op == "Clip" and through_clip:
@@ -238,6 +253,18 @@ def _step_back(graph: Editable, node: onnx.NodeProto, labels: np.ndarray, plan: 
         labels = labels.transpose(np.argsort(perm))
     elif op in _HOMOGENEOUS:  # same shape, same channels
         src = node.input[0]
+    elif op == "Pad":
+        src = node.input[0]
+        axis = _label_axis(labels)
+        in_shape = _need_shape(graph, src)
+        pads, value = _constant_pad(graph, node)
+        if pads is None or pads[axis % len(in_shape)] or pads[axis % len(in_shape) + len(in_shape)]:
+            raise NotFoldable(f"Pad '{node.name}' is not a constant pad of the spatial axes only")
+        if value != 0:
+            if not uniform:
+                raise NotFoldable(f"Pad '{node.name}' pads with {value:g}, which one scale per channel would not keep")
+            plan.pads.append(node)
+        labels = np.broadcast_to(_along(_per_channel(labels, axis), len(in_shape), axis % len(in_shape)), in_shape).copy()
     elif op in _POOLS:
         src = node.input[0]
         in_shape = _need_shape(graph, src)
@@ -260,6 +287,19 @@ def _step_back(graph: Editable, node: onnx.NodeProto, labels: np.ndarray, plan: 
     else:
         raise NotFoldable(f"{op} '{node.name}' sits between the scale and a place to fold it")
     return src, labels
+
+
+def _constant_pad(graph: Editable, node: onnx.NodeProto) -> tuple[list[int] | None, float]:
+    """(pads, value) of a constant-mode Pad with constant pads and value (opset >= 11), else (None, 0)."""
+    mode = graph.attr(node, "mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    pads = graph.inits.get(node.input[1]) if len(node.input) > 1 else None
+    if mode != "constant" or pads is None or (len(node.input) > 3 and node.input[3]):
+        return None, 0.0
+    value = graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1)
+    if value is None or value.size != 1:
+        return None, 0.0
+    return [int(v) for v in numpy_helper.to_array(pads).ravel()], float(value.ravel()[0])
 
 
 def _need_shape(graph: Editable, name: str) -> tuple[int, ...]:
