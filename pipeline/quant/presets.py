@@ -5,9 +5,11 @@
 transforms when `quantization.transforms` (and the legacy keys) name none, its activation range method
 when `calibration.method` is not set, its weight range method when `quantization.weight_method` is not.
 
-- `cnn` (a graph with Conv layers and no attention): cross-layer equalization (ReLU6 kept, bounded by the
-  calibration statistics), bias absorption (ReLU6 outputs read by 1x1 convolutions centred on 0 for the
-  symmetric int8 grid), for power-of-two formats (XINT8) power-of-two alignment of the activations,
+- `cnn` (a graph with Conv layers and no attention): for 8-bit activations residual-stream equalization
+  (one scale per channel through each chain of residual Adds), cross-layer equalization (ReLU6 kept,
+  bounded by the calibration statistics), bias absorption (ReLU6 outputs read by 1x1 convolutions centred
+  on 0 for the symmetric int8 grid; with 8-bit activations those a padded depthwise conv reads too,
+  through an explicit Pad), for power-of-two formats (XINT8) power-of-two alignment of the activations,
   AdaRound with bias correction after Q/DQ insertion (with 8-bit activations, XINT8 and A8W8, on the
   quantized model's inputs, layer by layer), percentile activation ranges, MSE weight ranges.
   Per-tensor int8 MobileNetV2 needs all of them (see the README's figures).
