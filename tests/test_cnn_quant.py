@@ -533,3 +533,17 @@ def test_bias_absorption_pads_explicitly_before_a_padded_conv_and_keeps_one_grid
     inits = {t.name: numpy_helper.to_array(t) for t in qmodel.graph.initializer}
     scale_of = {n.input[0]: float(inits[n.input[1]]) for n in qmodel.graph.node if n.op_type == "QuantizeLinear"}
     assert scale_of[pad.output[0]] == scale_of["re"]
+    # The pad value is written on the data's grid (one integer of the data's type) ...
+    producer = {o: n for n in qmodel.graph.node for o in n.output}
+    qpad = next(n for n in qmodel.graph.node if n.op_type == "Pad")
+    data_dq, value_dq = producer[qpad.input[0]], producer[qpad.input[2]]
+    assert value_dq.input[1:3] == data_dq.input[1:3]
+    # ... so the emulation drops the Q/DQ pair after the Pad, and computes exactly what the graph does.
+    from pipeline.core.emulation import drop_redundant_activation_pairs, fold_constant_dequantize
+    from pipeline.core.onnx_io import copy_model, make_session
+
+    emulated = drop_redundant_activation_pairs(fold_constant_dequantize(copy_model(qmodel)))
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == qpad.output[0] for n in emulated.graph.node)
+    fast = make_session(qmodel.SerializeToString(), npu_emulation=True)
+    for batch in batches():
+        np.testing.assert_array_equal(fast.run(None, batch)[0], _run(qmodel, batch)[0])

@@ -187,6 +187,38 @@ def padded_outputs(model: onnx.ModelProto) -> dict[str, str]:
     return found
 
 
+def _pad_values_on_their_grid(qmodel: onnx.ModelProto) -> None:
+    """Each constant Pad's value quantized on the grid of the data it pads (onnxruntime gives the constant
+    a scale of its own): the NPU's int8 Pad writes one integer in the data's type, and the Q/DQ pair after
+    the Pad then changes nothing (the emulation drops it, `core.emulation`)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in qmodel.graph.initializer}
+    producer = {o: n for n in qmodel.graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for node in qmodel.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    for pad in qmodel.graph.node:
+        if pad.op_type != "Pad" or len(pad.input) < 3 or not pad.input[2]:
+            continue
+        data, value = producer.get(pad.input[0]), producer.get(pad.input[2])
+        if data is None or value is None or data.op_type != value.op_type or data.op_type != "DequantizeLinear":
+            continue
+        if readers.get(value.input[0]) != 1 or not all(n in inits for n in (*data.input[1:3], *value.input[:3])):
+            continue
+        scale = numpy_helper.to_array(inits[data.input[1]])
+        zero = numpy_helper.to_array(inits[data.input[2]])
+        if scale.size != 1 or zero.size != 1 or not float(scale) > 0:
+            continue
+        q = numpy_helper.to_array(inits[value.input[0]]).astype(np.int64)
+        v = (q - numpy_helper.to_array(inits[value.input[2]]).astype(np.int64)) * numpy_helper.to_array(inits[value.input[1]])
+        info = np.iinfo(zero.dtype)
+        k = np.clip(np.round(v.astype(np.float64) / float(scale)) + int(zero), info.min, info.max).astype(zero.dtype)
+        inits[value.input[0]].CopyFrom(numpy_helper.from_array(k.reshape(q.shape), value.input[0]))
+        value.input[1], value.input[2] = data.input[1], data.input[2]
+
+
 def fused_activation_inputs(model: onnx.ModelProto) -> dict[str, str]:
     """{tensor: the Relu/Clip output it feeds}, for node outputs read only by a Relu, or by a Clip with
     constant bounds and a lower bound <= 0: their Q/DQ take the activation's output range (whatever the
@@ -379,6 +411,7 @@ def quantize_qdq(
     # The quantizer appends the graph-input Q/DQ pairs last; ONNX requires topological order.
     quantizer.model.topological_sort()
     quantized = quantizer.model.model
+    _pad_values_on_their_grid(quantized)
     counts: dict[str, int] = {}
     for node in quantized.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
