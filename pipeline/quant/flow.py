@@ -33,7 +33,8 @@ from .guard import GuardConfig, GuardResult, find_mixed_ranges
 from .histogram import StatsCollector
 from .mac_share import mac_shares
 from .output_ranges import output_error_ranges
-from .qdq import fused_activation_inputs, quantize_qdq
+from .qdq import quantize_qdq
+from .shared_grid import fused_activation_inputs
 from .statistics import activation_tensors, collect_histograms
 from .transforms import TransformContext, TransformResult, apply_transforms, make_transforms
 

@@ -25,7 +25,7 @@ from ..core.onnx_io import expose_outputs, make_session
 from ..core.sampling import strided
 from ..core.shapes import float_values
 from ..core.side_by_side import SideBySideError, side_by_side
-from .qdq import fused_activation_inputs
+from .shared_grid import fused_activation_inputs
 
 # Where the two models cannot share a graph (`_compare_exposed`), a strided subsample of this many values per
 # tensor and sample estimates the sums (a 112x112x96 MobileNet activation has 1.2M values to copy out).

@@ -18,7 +18,7 @@ from ...core.tasks import gate_holds, plan_outputs
 from ...inspect import inspect_model
 from ..layer_error import local_sqnr, node_sqnr_drop, quantized_view
 from ..mac_share import mac_shares
-from ..qdq import fused_activation_inputs
+from ..shared_grid import fused_activation_inputs
 from .search import FallbackConfig, FallbackResult, SearchSpace, search
 from .shares import compute_shares, value_groups
 
