@@ -548,20 +548,3 @@ def test_bias_absorption_pads_explicitly_before_a_padded_conv_and_keeps_one_grid
     for batch in batches():
         np.testing.assert_array_equal(fast.run(None, batch)[0], _run(qmodel, batch)[0])
 
-
-def test_pow2_alignment_aligns_a_residual_stream_with_one_factor():
-    model = _stream_model()
-    batches = _batches(16, (1, 3, 6, 6))
-    result = apply_transforms(model, make_transforms([("pow2_alignment", {"method": "minmax", "streams": True})]),
-                              TransformContext(batches, 16))
-    [stream] = [a for a in result.report["pow2_alignment"]["applied"] if "stream" in a]
-    assert stream["stream"] == "t2" and stream["tensors"] == 3  # t0, t1, t2: each read by a weight layer
-    assert 0.5 < stream["divided_by"] < 1
-    assert stream["relative_error_after"] < stream["relative_error_before"]
-    assert {"t0", "t1", "t2"} <= result.stale
-    for batch in batches():
-        ref, got = _run(model, batch)[0], _run(result.model, batch)[0]
-        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
-    plain = apply_transforms(model, make_transforms([("pow2_alignment", {"method": "minmax"})]),
-                             TransformContext(batches, 16))
-    assert not any("stream" in a for a in plain.report["pow2_alignment"]["applied"])

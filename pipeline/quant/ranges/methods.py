@@ -256,26 +256,6 @@ def mse(stats: TensorStats, num_bits: int = 8, *, symmetric: bool = False) -> tu
     return _finalize(*best, False)
 
 
-def pow2_grid_mse(stats: TensorStats, scales: np.ndarray, num_bits: int = 8) -> np.ndarray:
-    """Expected squared error per value on each symmetric grid of `scales` (q in [-2**(b-1), 2**(b-1)-1])."""
-    _check(stats)
-    qmax = 2 ** (num_bits - 1) - 1
-    scales = np.asarray(scales, dtype=np.float64)
-    if stats.n == 0:
-        return np.zeros(scales.shape)
-    return _mse(_bins(stats), scales, -(qmax + 1) * scales, qmax * scales)
-
-
-def mean_square(stats: TensorStats) -> float:
-    """Mean of x**2 over the histogram (values uniform within a bin)."""
-    _check(stats)
-    left, right, counts = _bins(stats)
-    total = counts.sum()
-    if total == 0:
-        return 0.0
-    return float(((left**2 + left * right + right**2) / 3.0) @ counts / total)
-
-
 def pow2_scale_mse(stats: TensorStats, num_bits: int = 8) -> float:
     """XINT8: the power-of-two scale 2**k (symmetric, q in [-2**(b-1), 2**(b-1)-1]) of lowest expected MSE.
 

@@ -9,12 +9,8 @@ move with it). With a = s / 2**ceil(log2 s), s = the tensor's range / 127 by the
 (`method`, on a histogram streamed once for these tensors), the range becomes exactly a power of two
 times 127: the quantizer's power-of-two scale then fits it without rounding the range up or down.
 
-Tensors a residual Add also reads are not foldable one by one. A residual stream as a whole is
-(`stream.find_streams`: its writers' output channels and readers' input channels take the factor, its Adds
-pass it on), but one factor serves all of its tensors, whose ranges differ: `streams: true` picks the
-factor u in (0.5, 1] whose power-of-two grids fit the stream tensors that weight layers read best (the
-least summed relative quantization error over their histograms, each on its best power-of-two scale, as
-the quantizer chooses their int8 copies' scales). A stream that cannot take a scale keeps its misfit.
+Tensors a residual Add also reads are not foldable: they keep their misfit (the quantizer then takes the
+smallest power of two that does not clip more than the range method, see `qdq`).
 """
 
 from __future__ import annotations
@@ -28,10 +24,8 @@ from ...core.editable import Editable
 from ..ranges import choose_range
 from ..statistics import ChannelStats, StatisticsService
 from .base import Transform, TransformConfig, TransformContext, register_transform
-from ..ranges.methods import mean_square, pow2_grid_mse
 from .fold import FoldPlan, NotFoldable, clip_bounds, plan_fold
-from .layers import weight_inputs, weight_layer
-from .stream import Stream, find_streams
+from .layers import weight_inputs
 
 __all__ = ["Pow2Alignment"]
 
@@ -40,7 +34,6 @@ class Pow2AlignmentConfig(TransformConfig):
     method: str = "percentile"
     percentile: float = Field(99.999, gt=50, le=100)
     bits: int = Field(8, ge=2, le=16)
-    streams: bool = False  # also align each residual stream with one factor (see the module docstring)
 
 
 @register_transform
@@ -60,14 +53,12 @@ class Pow2Alignment(Transform):
 
     def apply(self, graph: Editable, stats: dict[str, ChannelStats], ctx: TransformContext) -> set[str]:
         plans = self.plans(graph)
-        streams = self._streams(graph) if self.config.streams else {}
-        if not plans and not streams:
+        if not plans:
             return set()
         if ctx.batches is None:
             raise ValueError("pow2_alignment needs calibration batches (TransformContext.batches)")
         service = StatisticsService(graph.model, optimize=False)
-        wanted = [*plans, *(t for _, read in streams.values() for t in read)]
-        service.request_histograms({t: list(graph.shape(t)) for t in wanted if graph.shape(t)})
+        service.request_histograms({t: list(graph.shape(t)) for t in plans if graph.shape(t)})
         histograms = service.collect(ctx.batches(), limit=ctx.samples).histograms
         stale: set[str] = set()
         top = 2 ** (self.config.bits - 1) - 1
@@ -94,51 +85,4 @@ class Pow2Alignment(Transform):
             stale.update(plan.path)
             self.applied.append({"tensor": tensor, "range": round(scale * top, 6), "divided_by": round(alpha, 6),
                                  "scale_after": math.ldexp(1.0, math.ceil(math.log2(scale)))})
-        for stream, read in streams.values():
-            found = [histograms[t] for t in read if histograms is not None and t in histograms and histograms[t].n]
-            if not found:
-                continue
-            u, before, after = _stream_factor(found, self.config.bits)
-            if u > 1 - 1e-6:
-                continue
-            s = np.full(stream.channels, u)
-            for node in stream.readers:
-                layer = weight_layer(graph, node)
-                layer.set_weight(graph, layer.scaled_inputs(s), "pow2")
-            for writer in stream.writers:
-                writer.apply(graph, s, "pow2")
-                stale.update(writer.path)
-            for name in stream.tensors:
-                if name in stats:
-                    stats[name] = stats[name].rescaled(s)
-            stale.update(stream.tensors)
-            self.applied.append({"stream": stream.name, "tensors": len(found), "divided_by": round(u, 6),
-                                 "relative_error_before": before, "relative_error_after": after})
         return stale
-
-    def _streams(self, graph: Editable) -> dict[str, tuple[Stream, list[str]]]:
-        """{stream: (the stream, its tensors a weight layer reads)}; refused streams go to `skipped`."""
-        streams, refused = find_streams(graph)
-        self.skipped.extend({"stream": r["tensor"], "reason": r["reason"]} for r in refused)
-        found = {}
-        for stream in streams:
-            readers = {id(n) for n in stream.readers}
-            read = [t for t in stream.tensors if any(id(n) in readers for n in graph.consumers.get(t, []))]
-            found[stream.name] = (stream, read)
-        return found
-
-
-_FACTORS = np.exp2(-np.arange(32) / 32.0)  # u in (0.5, 1], 1 first: a tie keeps the stream as it is
-
-
-def _stream_factor(histograms, bits: int) -> tuple[float, float, float]:
-    """(u, summed relative error at u = 1, at u): the stream divided by u, each tensor on its best
-    power-of-two scale; the error of x / u on the scale 2**k equals that of x on u 2**k, over u**2."""
-    total = np.zeros(len(_FACTORS))
-    for h in histograms:
-        k0 = math.ceil(math.log2(max(-h.min, h.max, 1e-30) / (2 ** (bits - 1) - 1)))
-        steps = np.ldexp(1.0, np.arange(k0 - 8, k0 + 2))[None, :] * _FACTORS[:, None]  # [factor, k]
-        errors = pow2_grid_mse(h, steps.ravel(), bits).reshape(steps.shape).min(axis=1)
-        total += errors / max(mean_square(h), 1e-30)
-    best = int(np.argmin(total))
-    return float(_FACTORS[best]), float(total[0]), float(total[best])
