@@ -548,3 +548,23 @@ def test_bias_absorption_pads_explicitly_before_a_padded_conv_and_keeps_one_grid
     for batch in batches():
         np.testing.assert_array_equal(fast.run(None, batch)[0], _run(qmodel, batch)[0])
 
+
+
+def test_a_shifted_relu6_keeps_its_old_zero_on_the_int8_grid():
+    """After bias absorption a ReLU6's zeros (most of its values) sit at the Clip's lower bound -c: the
+    quantizer widens the step just enough that -c is a grid point, so they round to themselves."""
+    model = _residual_block()
+    batches = _batches(16, (1, 3, 6, 6))
+    result = apply_transforms(model, make_transforms([("bias_absorption", {"padded": "pad"})]), TransformContext(batches, 16))
+    qmodel = _quantized(result.model, batches)
+    inits = {t.name: numpy_helper.to_array(t) for t in qmodel.graph.initializer}
+    floats = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    clips = {n.output[0]: float(floats[n.input[1]].ravel()[0]) for n in result.model.graph.node if n.op_type == "Clip"}
+    assert set(clips) == {"re", "rd"} and all(v < 0 for v in clips.values())
+    checked = set()
+    for node in qmodel.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in clips:
+            steps = -clips[node.input[0]] / float(inits[node.input[1]].ravel()[0])
+            assert abs(steps - round(steps)) < 1e-4 and 1 <= round(steps) <= 127
+            checked.add(node.input[0])
+    assert checked == set(clips)

@@ -42,7 +42,7 @@ from .histogram import StatsCollector, TensorStats
 from .ranges import choose_range
 from .ranges.methods import pow2_scale_mse
 from .requant import plan_bits
-from .shared_grid import fused_activation_inputs, pad_values_on_their_grid, padded_outputs
+from .shared_grid import clip_floors, fused_activation_inputs, pad_values_on_their_grid, padded_outputs
 from .weight_ranges import weight_scale
 
 __all__ = ["quantize_qdq", "pow2_override", "pow2_covering"]
@@ -178,6 +178,18 @@ def _int8_copy(stats: TensorStats, readers, lo_hi, spec, method: str, percentile
     return conv
 
 
+def _floor_on_grid(lo: float, hi: float, floor: float, bits: int) -> tuple[float, float]:
+    """A symmetric range whose grid holds `floor` (< 0) exactly: the step widened to |floor| / k, k the
+    number of whole steps the chosen range gives it (at most the grid's half), so nothing clips more."""
+    top = (1 << (bits - 1)) - 1
+    step = max(abs(lo), abs(hi)) / top
+    if not step > 0:
+        return lo, hi
+    k = min(top, max(1, math.floor(abs(floor) / step + 1e-9)))
+    a = abs(floor) / k * top
+    return -a, a
+
+
 def _masked_softmax_range(scores: TensorStats, method: str, percentile: float, bits: int):
     """Range for a Softmax input that carries an additive mask (Add(scores, mask) -> Softmax).
 
@@ -248,6 +260,7 @@ def quantize_qdq(
     exclude = sorted(set(exclude_nodes) | mask_nodes)
     masked_scores = masked_softmax_inputs(model, mask_nodes)
     symmetric = spec.symmetric_activations
+    floors = clip_floors(model)
     ranges, methods, overrides = {}, {}, {}
     for name in collector.names:
         stats = collector[name]
@@ -261,6 +274,8 @@ def quantize_qdq(
                 overrides[name] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
         else:
             lo, hi, used = choose_range(stats, how, bits=bits, symmetric=symmetric, percentile=percentile)
+            if name in floors and symmetric and not spec.power_of_two:
+                lo, hi = _floor_on_grid(lo, hi, floors[name], bits)
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise StageError(f"quantize: range of '{name}' is not finite ({lo}, {hi})")
         if spec.power_of_two and bits in (8, 16):  # promoted 16-bit values shift-requantize too

@@ -2,6 +2,10 @@
 
 - A fused activation's input (Conv -> Relu/Clip: the NPU requantizes once, to the activation's output)
   takes the activation's quantization (`fused_activation_inputs`).
+- A Clip whose lower bound is below 0 (bias absorption's shifted ReLU6: Clip(z - c, -c, 6 - c)) sends
+  its most frequent value, the old zero, to that bound: the grid holds it exactly (`clip_floors`), so the
+  shift costs no rounding error on it (a constant error on most values, which only a bias correction on
+  quantized inputs would see).
 - A constant-mode Pad's output holds its input's values and the pad value: one grid for both
   (`padded_outputs`), the value written on it (`pad_values_on_their_grid`), so the Q/DQ pair after the Pad
   changes nothing (the emulation drops it, `core.emulation`).
@@ -13,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["fused_activation_inputs", "padded_outputs", "pad_values_on_their_grid"]
+__all__ = ["fused_activation_inputs", "padded_outputs", "pad_values_on_their_grid", "clip_floors"]
 
 
 def padded_outputs(model: onnx.ModelProto) -> dict[str, str]:
@@ -79,4 +83,16 @@ def fused_activation_inputs(model: onnx.ModelProto) -> dict[str, str]:
                                        or (len(node.input) > 1 and node.input[1] and float(consts[node.input[1]].ravel()[0]) > 0)):
             continue
         found[source] = node.output[0]
+    return found
+
+
+def clip_floors(model: onnx.ModelProto) -> dict[str, float]:
+    """{Clip output: its constant lower bound} for Clips whose lower bound is below 0."""
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "Clip" and len(node.input) > 1 and node.input[1] in consts and consts[node.input[1]].size == 1:
+            bound = float(consts[node.input[1]].ravel()[0])
+            if bound < 0:
+                found[node.output[0]] = bound
     return found
