@@ -30,7 +30,7 @@ class QuantizeStage(Stage):
     name = "quantize"
     sections = ("quantization", "calibration")
     after = ("prepare", "calibrate")
-    revision = 9  # 3: transforms registry; 4: range guard; 5: 16-bit values keep int8 MAC readers (requantized), A16W8 fallback rung, output-error ranges; 6: presets by model family, weight ranges, steps after quantization (AdaRound); 7: a fused activation's input takes the activation's quantization, bits included; 8: the CNN preset runs AdaRound on quantized inputs for every 8-bit activation format; 9: residual-stream equalization in the CNN preset
+    revision = 10  # 3: transforms registry; 4: range guard; 5: 16-bit values keep int8 MAC readers (requantized), A16W8 fallback rung, output-error ranges; 6: presets by model family, weight ranges, steps after quantization (AdaRound); 7: a fused activation's input takes the activation's quantization, bits included; 8: the CNN preset runs AdaRound on quantized inputs for every 8-bit activation format; 9: residual-stream equalization in the CNN preset; 10: centred depthwise inputs (explicit Pads), a shifted Clip's lower bound on its grid
     outputs = ("model.onnx", "ranges.json")
     optional_outputs = (
         "emulated.onnx",  # the model validate runs when it differs from model.onnx (BF16, BF16 fallback nodes)

@@ -72,6 +72,9 @@ class Pow2Alignment(Transform):
             if not scale > 0:
                 continue
             alpha = scale / math.ldexp(1.0, math.ceil(math.log2(scale)))  # in (0.5, 1]
+            floor = _clip_floor(graph, plan)
+            if floor is not None:
+                alpha = _alpha_with_floor(scale * top, -floor, top)
             if alpha > 1 - 1e-6:
                 continue  # already on the grid
             plan.apply(graph, np.full(plan.channels, alpha), "pow2")
@@ -86,3 +89,20 @@ class Pow2Alignment(Transform):
             self.applied.append({"tensor": tensor, "range": round(scale * top, 6), "divided_by": round(alpha, 6),
                                  "scale_after": math.ldexp(1.0, math.ceil(math.log2(scale)))})
         return stale
+
+
+def _clip_floor(graph: Editable, plan: FoldPlan) -> float | None:
+    """The lower bound below 0 of the Clip nearest the consumer on the plan's path (a ReLU6 that bias
+    absorption shifted: its old zeros, most of its values, sit there), else None."""
+    if not plan.clips:
+        return None
+    node = plan.clips[0][0]  # `plan_fold` walks from the consumer up: the first Clip is the nearest
+    lo, _ = clip_bounds(graph, node)
+    return lo if np.isfinite(lo) and lo < 0 else None
+
+
+def _alpha_with_floor(r: float, c: float, top: int) -> float:
+    """alpha in (0.5, 1] with the floor -c / alpha on the power-of-two grid of x / alpha and the range r /
+    alpha within its top: c / alpha = m 2**k with m = floor(top c / r) whole steps."""
+    m = max(1, math.floor(top * min(c / r, 1.0) + 1e-9))
+    return c / (m * math.ldexp(1.0, math.ceil(math.log2(c / m))))
