@@ -87,6 +87,15 @@ def test_inspect_recognises_xint8_without_being_told():
     found = inspect_model(qmodel, "xdna2")
     assert found.detected_format is Format.XINT8
     assert not [v for v in found.violations if v.rule == "pow2-scale"]
+    # With some values at 16 bits (free_16bit, the fallback): still XINT8, the 16-bit ones a warning.
+    model = _constants_model()
+    data = [{"x": RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)} for _ in range(16)]
+    hist = collect_histograms(model, data, progress=False)
+    mixed = quantize_qdq(model, hist, target=EVERY_OP_XINT8, fmt=Format.XINT8, method="minmax", promote={"m": 16})[0]
+    assert any(numpy_helper.to_array(t).dtype == np.int16 for t in mixed.graph.initializer if t.name.endswith("zero_point"))
+    found = inspect_model(mixed, "xdna2")
+    assert found.detected_format is Format.XINT8
+    assert [w for w in found.warnings if w.rule == "mixed-precision"]
 
 
 def test_an_xint8_model_with_a_constant_off_the_grid_is_called_xint8_and_not_ready():

@@ -175,12 +175,15 @@ def candidate_formats(g: Graph, qdq: list[_QInfo]) -> list[Format]:
     if not acts:
         return []
     pow2 = _pow2_activations(qdq)
-    if acts & {"int16", "uint16"}:
+    if acts & {"int16", "uint16"} and not acts & {"int8", "uint8"}:
         # Every registered 16-bit-activation format whose weight types hold the model's, in registration
         # order (A16W8 first); a format module registering another (A16W4) is found without an edit here.
         weights = {q.dtype for q in qdq if q.role == "weight"}
         wide = [f for f in all_formats() if f.spec.activation_bits == 16 and weights <= f.spec.weight_dtypes]
         return wide or [Format.A16W8]
+    # 8-bit activations with some at 16 bits: an 8-bit format with mixed-precision values (`free_16bit`,
+    # the fallback's promotions), whose MACs read int8 copies; the 16-bit ones are checked as such.
+    acts -= {"int16", "uint16"}
     if acts <= {"int8"}:
         return [Format.XINT8, Format.A8W8] if pow2 else [Format.A8W8]
     zp128 = all(q.zero_point is not None and np.all(q.zero_point == 128)
