@@ -138,6 +138,10 @@ class CrossLayerEqualization(Transform):
                 break
         for tensor, plan in plans.items():
             plan.apply(graph, total[tensor], "cle")
+            if stats:  # the measured tensors on the path are x / s now: later transforms read that
+                for node, _, clip_map in plan.clips:
+                    if node.output[0] in stats:
+                        stats[node.output[0]] = stats[node.output[0]].rescaled(total[tensor][clip_map])
         for tensor, plan in plans.items():
             (r1a, r2a), (r1b, r2b) = before[tensor], self._ranges(layers, plan)
             lo, hi = bounds[tensor]
