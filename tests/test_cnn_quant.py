@@ -568,3 +568,26 @@ def test_a_shifted_relu6_keeps_its_old_zero_on_the_int8_grid():
             assert abs(steps - round(steps)) < 1e-4 and 1 <= round(steps) <= 127
             checked.add(node.input[0])
     assert checked == set(clips)
+
+
+def test_bias_absorption_after_equalization_centres_what_equalization_left():
+    """Equalization rescales the ReLU6 outputs between a pair; the statistics bias absorption reads after
+    it must be those of x / s, or the shift is half of a stale maximum and the range ends up lopsided."""
+    model = _residual_block()
+    for init in model.graph.initializer:  # no channel saturates: equalization moves the largest one too
+        if init.name == "be":
+            init.CopyFrom(numpy_helper.from_array(np.zeros(8, np.float32), "be"))
+    batches = _batches(16, (1, 3, 6, 6), scale=0.1)  # small inputs: no channel near 6 before equalization
+    steps = [("cross_layer_equalization", {}), ("bias_absorption", {"padded": "pad"})]
+    result = apply_transforms(model, make_transforms(steps), TransformContext(batches, 16))
+    assert result.report["cross_layer_equalization"]["applied"]
+    applied = {a["activation"]: a for a in result.report["bias_absorption"]["applied"]}
+    exposed = result.model
+    del exposed.graph.output[:]
+    exposed.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("re", "rd")])
+    values = [_run(exposed, batch) for batch in batches()]
+    for i, name in enumerate(("relu6_e", "relu6_d")):
+        top = max(float(v[i].max()) for v in values)
+        bottom = min(float(v[i].min()) for v in values)
+        c = applied[name]["shift"]
+        assert bottom == pytest.approx(-c, rel=1e-4) and top == pytest.approx(c, rel=1e-3)  # centred on 0
