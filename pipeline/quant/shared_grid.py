@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -36,10 +38,7 @@ def pad_values_on_their_grid(qmodel: onnx.ModelProto) -> None:
     the Pad then changes nothing (the emulation drops it, `core.emulation`)."""
     inits = {t.name: t for t in qmodel.graph.initializer}
     producer = {o: n for n in qmodel.graph.node for o in n.output}
-    readers: dict[str, int] = {}
-    for node in qmodel.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = Counter(name for node in qmodel.graph.node for name in node.input)
     for pad in qmodel.graph.node:
         if pad.op_type != "Pad" or len(pad.input) < 3 or not pad.input[2]:
             continue
@@ -65,10 +64,7 @@ def fused_activation_inputs(model: onnx.ModelProto) -> dict[str, str]:
     constant bounds and a lower bound <= 0: their Q/DQ take the activation's output range (whatever the
     pair saturates, the activation clips anyway)."""
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = Counter(name for node in model.graph.node for name in node.input)
     produced = {o for n in model.graph.node for o in n.output}
     outputs = {o.name for o in model.graph.output}
     found = {}

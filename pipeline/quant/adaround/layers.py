@@ -11,6 +11,7 @@ ConvTranspose is left to round-to-nearest (its im2col is a scatter, not a gather
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,10 +82,7 @@ def find_layers(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, *, ops=_O
     """(the layers AdaRound can round, in graph order; [{node, reason}] for the weight layers it cannot)."""
     inits = {t.name: t for t in qmodel.graph.initializer}
     producer = {o: n for n in qmodel.graph.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in qmodel.graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    readers = Counter(i for n in qmodel.graph.node for i in n.input)
     f_inits = {t.name: t for t in float_model.graph.initializer}
     f_nodes = {n.name: n for n in float_model.graph.node if n.name}
     found, skipped = [], []
