@@ -246,7 +246,7 @@ def check_qdq(
                                 f"scales; {fmt.value} is documented per tensor only"))
     if mixed:
         warnings.append(Finding("mixed-precision", mixed[0], f"{len(mixed)} activation Q/DQ nodes use a wider "
-                                f"type than {fmt.value} (mixed precision from the fallback); {target.name} takes "
+                                f"type than {fmt.value} (mixed precision: free_16bit or the fallback); {target.name} takes "
                                 "both formats, but mixing them in one graph is not documented: check on device"))
     if unreadable:
         warnings.append(Finding("qdq-unreadable", unreadable[0], f"{len(unreadable)} Q/DQ nodes have a type or "
