@@ -181,8 +181,10 @@ def skip_reasons(transforms: Path) -> dict[str, int]:
 # name -> (recipe overrides, what it measures). "none" is the bare baseline (no preset, no transform,
 # minmax activations, max|w| weights); the others switch one technique on over it, or one off the preset.
 _BARE = {"quantization": {"preset": "none", "weight_method": "minmax"}, "calibration": {"method": "minmax"}}
-_ABSORB = {"bias_absorption": {"consumer_bias": "float"}}  # as the CNN preset applies it
-_SEQUENTIAL = {"adaround": {"quantized_inputs": True}}  # as the CNN preset applies it with 8-bit activations
+# As the CNN preset applies them with 8-bit activations (A8W8, XINT8).
+_ABSORB = {"bias_absorption": {"consumer_bias": "float", "padded": "pad"}}
+_SEQUENTIAL = {"adaround": {"quantized_inputs": True}}
+_STREAM = "residual_equalization"
 # Variants that name transforms drop the preset's power-of-two alignment (XINT8): compare XINT8 rows with that in mind.
 VARIANTS = {
     "none": (_BARE, "no technique: minmax activations, max|w| weights"),
@@ -199,12 +201,18 @@ VARIANTS = {
                        "AdaRound alone, no bias correction"),
     "preset": ({}, "the shipped recipe: every default of the CNN preset"),
     # The preset's AdaRound for 8-bit activations (A8W8, XINT8) runs on the quantized model's inputs.
-    "preset-cle": ({"quantization": {"transforms": [_ABSORB, _SEQUENTIAL]}}, "the preset without equalization"),
-    "preset-bias_absorption": ({"quantization": {"transforms": ["cross_layer_equalization", _SEQUENTIAL]}},
+    "preset-residual_equalization": ({"quantization": {"transforms": ["cross_layer_equalization", _ABSORB, _SEQUENTIAL]}},
+                                     "the preset without the residual streams' equalization"),
+    "preset-cle": ({"quantization": {"transforms": [_STREAM, _ABSORB, _SEQUENTIAL]}}, "the preset without equalization"),
+    "preset-bias_absorption": ({"quantization": {"transforms": [_STREAM, "cross_layer_equalization", _SEQUENTIAL]}},
                                "the preset without bias absorption"),
-    "preset-adaround": ({"quantization": {"transforms": ["cross_layer_equalization", _ABSORB]}},
+    "preset-padded": ({"quantization": {"transforms": [_STREAM, "cross_layer_equalization",
+                                                       {"bias_absorption": {"consumer_bias": "float"}}, _SEQUENTIAL]}},
+                      "the preset without centring the depthwise inputs (no explicit Pads)"),
+    "preset-adaround": ({"quantization": {"transforms": [_STREAM, "cross_layer_equalization", _ABSORB]}},
                         "the preset without AdaRound"),
-    "preset-sequential_adaround": ({"quantization": {"transforms": ["cross_layer_equalization", _ABSORB, "adaround"]}},
+    "preset-sequential_adaround": ({"quantization": {"transforms": [_STREAM, "cross_layer_equalization", _ABSORB,
+                                                                    "adaround"]}},
                                    "the preset with AdaRound on float inputs (one pass for every layer)"),
     "preset-free_16bit": ({"quantization": {"free_16bit": False}}, "the recipe without 16-bit non-MAC values"),
 }
