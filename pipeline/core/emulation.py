@@ -129,18 +129,7 @@ def drop_redundant_activation_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
         if (len(readers.get(dq1.output[0], [])) != 1 or len(readers.get(q1.output[0], [])) != 1
                 or dq1.output[0] in outputs or q1.output[0] in outputs):
             continue
-        if any(n.domain not in ("", "ai.onnx", "com.microsoft") or any(a.name != "axis" for a in n.attribute)
-               for n in (q1, dq1, q2)):
-            continue  # saturate=0 (float8) or blocked Q/DQ: not the integer kernels reasoned about
-        params = [[_scalar(inits, n.input[i]) if len(n.input) > i and n.input[i] else None for i in (1, 2)]
-                  for n in (q1, dq1, q2)]
-        if any(scale is None or zero is None for scale, zero in params):
-            continue
-        (s1, z1), (sd, zd), (s2, z2) = params
-        same = (z1.dtype == zd.dtype == z2.dtype and s1.dtype == sd.dtype == s2.dtype == np.float32
-                and np.array_equal(s1, sd) and np.array_equal(s1, s2) and np.array_equal(z1, zd)
-                and np.array_equal(z1, z2) and float(s1.ravel()[0]) > 0)
-        if not same or inits[q1.input[2]].data_type not in _INTEGER_TYPES:
+        if _one_grid(inits, (q1, dq1, q2)) is None:
             continue
         act.input[0] = q1.input[0]
         dropped.update((id(q1), id(dq1)))
@@ -148,6 +137,24 @@ def drop_redundant_activation_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
     if dropped:
         _keep_nodes(graph, [n for n in graph.node if id(n) not in dropped])
     return model
+
+
+def _one_grid(inits, nodes) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, zero point) when the Q/DQ `nodes` all use one per-tensor integer grid (the same float32
+    scale > 0, zero point and type) in the standard integer form, else None."""
+    if any(n.domain not in ("", "ai.onnx", "com.microsoft") or any(a.name != "axis" for a in n.attribute)
+           for n in nodes):
+        return None  # saturate=0 (float8) or blocked Q/DQ: not the integer kernels reasoned about
+    params = [[_scalar(inits, n.input[i]) if len(n.input) > i and n.input[i] else None for i in (1, 2)]
+              for n in nodes]
+    if any(scale is None or zero is None for scale, zero in params):
+        return None
+    (s1, z1), rest = params[0], params[1:]
+    same = all(z.dtype == z1.dtype and s.dtype == s1.dtype == np.float32 and np.array_equal(s, s1)
+               and np.array_equal(z, z1) for s, z in rest) and float(s1.ravel()[0]) > 0
+    if not same or inits[nodes[0].input[2]].data_type not in _INTEGER_TYPES:
+        return None
+    return s1, z1
 
 
 def _pairs_after_pads(graph, inits, producer, readers, outputs) -> set[int]:
@@ -168,18 +175,10 @@ def _pairs_after_pads(graph, inits, producer, readers, outputs) -> set[int]:
         if len(dq2s) != 1 or dq2s[0].op_type != "DequantizeLinear" or {pad.output[0], q2.output[0], dq2s[0].output[0]} & outputs:
             continue
         dq2 = dq2s[0]
-        if any(n.domain not in ("", "ai.onnx", "com.microsoft") or any(a.name != "axis" for a in n.attribute)
-               for n in (dq1, q2, dq2)):
+        grid = _one_grid(inits, (dq1, q2, dq2))
+        if grid is None:
             continue
-        params = [[_scalar(inits, n.input[i]) if len(n.input) > i and n.input[i] else None for i in (1, 2)]
-                  for n in (dq1, q2, dq2)]
-        if any(scale is None or zero is None for scale, zero in params):
-            continue
-        (s1, z1), (s2, z2), (sd, zd) = params
-        if not (z1.dtype == z2.dtype == zd.dtype and s1.dtype == s2.dtype == sd.dtype == np.float32
-                and np.array_equal(s1, s2) and np.array_equal(s1, sd) and np.array_equal(z1, z2)
-                and np.array_equal(z1, zd) and float(s1.ravel()[0]) > 0 and inits[q2.input[2]].data_type in _INTEGER_TYPES):
-            continue
+        s1, z1 = grid
         value = _scalar(inits, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1, np.float32)
         if value is None or value.dtype != np.float32:
             continue

@@ -296,17 +296,22 @@ def quantize_qdq(
             methods[name]["int8_copy"] = {k: v for k, v in conv.items() if k in ("lo", "hi", "method")}
             for key in ("lo", "hi", "method"):
                 conv.pop(key)
+    def share(target: str, source: str, how: str) -> None:
+        """`target` quantized exactly as `source` (range, method, overrides; not its int8 copy)."""
+        ranges[target] = ranges[source]
+        methods[target] = {k: v for k, v in methods[source].items() if k != "int8_copy"}
+        methods[target]["method"] = f"{how}:{methods[source]['method']}"
+        shared = [{k: v for k, v in o.items() if k != "convert"} for o in overrides.get(source, [])]
+        if any(shared):
+            overrides[target] = shared
+        else:
+            overrides.pop(target, None)
+
     for out, source in padded_outputs(model).items():
         # A Pad's output holds its input's values and the pad value (bias absorption's shifted zero, which
         # lies inside the input's range): one grid for both, as for a zero pad, so no requantization.
         if source in methods:
-            ranges[out], methods[out] = ranges[source], {**methods[source], "method": f"pad:{methods[source]['method']}"}
-            methods[out].pop("int8_copy", None)
-            shared = [{k: v for k, v in o.items() if k != "convert"} for o in overrides.get(source, [])]
-            if any(shared):
-                overrides[out] = shared
-            else:
-                overrides.pop(out, None)
+            share(out, source, "pad")
     fused = fused_activation_inputs(model)
     for source, out in fused.items():
         # The activation's quantization whole, bits included: the NPU's Conv+activation kernel requantizes
@@ -316,14 +321,7 @@ def quantize_qdq(
         while out in fused:
             out = fused[out]
         if out in methods and "int8_copy" not in methods.get(source, {}):
-            ranges[source] = ranges[out]
-            methods[source] = {k: v for k, v in methods[out].items() if k != "int8_copy"}
-            methods[source]["method"] = f"fused:{methods[out]['method']}"
-            shared = [{k: v for k, v in o.items() if k != "convert"} for o in overrides.get(out, [])]
-            if any(shared):
-                overrides[source] = shared
-            else:
-                overrides.pop(source, None)
+            share(source, out, "fused")
     if weight_method is not None and (spec.per_channel_weights or spec.weight_bits != 8):
         weight_method = None  # per-channel (U8S8) and 4-bit weights keep onnxruntime's own scales
     if spec.power_of_two or weight_method is not None:
