@@ -174,18 +174,18 @@ def plan_fold(graph: Editable, tensor: str, *, through_clip: bool = False, unifo
     return _trace_site(graph, plan, labels, through_clip, uniform)
 
 
-def plan_site(graph: Editable, tensor: str, axis: int, *, through_clip: bool = False) -> FoldPlan:
+def plan_site(graph: Editable, tensor: str, axis: int) -> FoldPlan:
     """The fold site upstream of `tensor` (channels along `axis`), as a `FoldPlan` with no consumers:
     its `apply(graph, s, tag)` makes `tensor` X / s and leaves its readers to the caller (the residual
     stream's equalization scales every reader of a stream itself). `tensor` may have several readers;
-    every tensor further up the path must have one."""
+    every tensor further up the path must have one, and no Clip may sit on it."""
     if tensor in graph.outputs:
         raise NotFoldable(f"'{tensor}' is a graph output")
     shape = _need_shape(graph, tensor)
     axis %= len(shape)
     labels = np.broadcast_to(_along(np.arange(shape[axis]), len(shape), axis), shape).copy()
     plan = FoldPlan(tensor, [], graph.producer.get(tensor), np.arange(shape[axis]))
-    return _trace_site(graph, plan, labels, through_clip)
+    return _trace_site(graph, plan, labels, through_clip=False)
 
 
 def _trace_site(graph: Editable, plan: FoldPlan, labels: np.ndarray, through_clip: bool,

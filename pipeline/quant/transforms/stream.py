@@ -18,10 +18,10 @@ reason in the report.
 Choosing s: three per-tensor grids meet on each channel: the stream's activations (range a_c, over every
 stream tensor on the calibration data), the readers' input columns (q_c) and the writers' output rows
 (p_c). Each grid wants its channels level: the activations and the writers want s_c proportional to a_c
-and p_c, the readers want s_c proportional to 1 / q_c. s_c = (a_c^alpha p_c^beta / q_c^(1-alpha)),
-normalized to a geometric mean of 1 and bounded like equalization's scales: `alpha` trades activation
-resolution for the readers' weight resolution (SmoothQuant's migration strength), `beta` brings the
-writers' weights along.
+and p_c, the readers want s_c proportional to 1 / q_c. log s_c is the mean of log a_c, log p_c and
+-log q_c weighted by `activations`, `writers` and `readers` (default 1, 0, 1: activation resolution
+traded evenly for the readers' weight resolution, as SmoothQuant's alpha = 0.5), normalized to a
+geometric mean of 1 and bounded like equalization's scales.
 """
 
 from __future__ import annotations
@@ -78,8 +78,7 @@ def _residual_adds(graph: Editable) -> list[onnx.NodeProto]:
     """Adds of two computed tensors of the output's shape (no broadcast): the joins of residual blocks."""
     adds = []
     for node in graph.model.graph.node:
-        if node.op_type != "Add" or len(node.input) != 2 or any(graph.const(i) is not None or i in graph.inits
-                                                               for i in node.input):
+        if node.op_type != "Add" or len(node.input) != 2 or any(i in graph.inits for i in node.input):
             continue
         shape = graph.shape(node.output[0])
         if shape is not None and all(graph.shape(i) == shape for i in node.input):
@@ -101,30 +100,26 @@ def _groups(graph: Editable) -> list[tuple[list[str], list[onnx.NodeProto]]]:
     def union(a: str, b: str) -> None:
         parent[find(a)] = find(b)
 
-    members: set[str] = set()
-    for node in _residual_adds(graph):
+    members = _residual_adds(graph)
+    for node in members:
         union(node.input[0], node.output[0])
         union(node.input[1], node.output[0])
-        members.add(node.name or node.output[0])
     # A pass-through op whose input is in a stream carries the stream on (a ResNet's Relu after its Add).
     for node in graph.model.graph.node:
         if node.op_type in _PASS_THROUGH and node.input[0] in parent and graph.shape(node.output[0]) == graph.shape(node.input[0]):
             union(node.input[0], node.output[0])
-            members.add(node.name or node.output[0])
+            members.append(node)
     order = {}
     for node in graph.model.graph.node:
         for name in (*node.input, *node.output):
             if name in parent:
                 order.setdefault(name, len(order))
-    grouped: dict[str, list[str]] = {}
+    grouped: dict[str, tuple[list[str], list[onnx.NodeProto]]] = {}
     for name in sorted(parent, key=lambda n: order.get(n, len(order))):
-        grouped.setdefault(find(name), []).append(name)
-    result = []
-    for tensors in grouped.values():
-        inside = set(tensors)
-        ops = [n for n in graph.model.graph.node if (n.name or n.output[0]) in members and n.output[0] in inside]
-        result.append((tensors, ops))
-    return result
+        grouped.setdefault(find(name), ([], []))[0].append(name)
+    for node in members:
+        grouped[find(node.output[0])][1].append(node)
+    return list(grouped.values())
 
 
 def find_streams(graph: Editable) -> tuple[list[Stream], list[dict]]:
@@ -139,7 +134,7 @@ def find_streams(graph: Editable) -> tuple[list[Stream], list[dict]]:
 
 
 def _plan_stream(graph: Editable, tensors: list[str], ops: list[onnx.NodeProto]) -> Stream:
-    inside, member_ids = set(tensors), {id(n) for n in ops}
+    member_ids = {id(n) for n in ops}
     shapes = {graph.shape(t) for t in tensors}
     if None in shapes or len(shapes) != 1:
         raise NotFoldable("static shapes unknown or not all alike")
@@ -167,12 +162,10 @@ def _plan_stream(graph: Editable, tensors: list[str], ops: list[onnx.NodeProto])
     for tensor in tensors:
         if tensor in produced_inside:
             continue
-        writer = plan_site(graph, tensor, axis)
-        if writer.clips:
-            raise NotFoldable(f"'{tensor}' comes through a Clip")
+        writer = plan_site(graph, tensor, axis)  # no Clip on the way: it would bound s
         if weight_layer(graph, writer.site) is None:
             # A LayerNorm or Mul site would take the scale too; in a CNN stream it is not expected, and a
-            # weight layer's rows are what `beta` balances.
+            # weight layer's rows are what `writers` balances.
             raise NotFoldable(f"'{tensor}' is made by {writer.site.op_type} '{writer.site.name}', not a weight layer")
         stream.writers.append(writer)
     if not stream.writers:
