@@ -544,6 +544,12 @@ def test_bias_absorption_pads_explicitly_before_a_padded_conv_and_keeps_one_grid
 
     emulated = drop_redundant_activation_pairs(fold_constant_dequantize(copy_model(qmodel)))
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] == qpad.output[0] for n in emulated.graph.node)
+    # On the int8 grid the Pad pads the integers (a quarter of the bytes), its value the integer of v.
+    made = {o: n for n in emulated.graph.node for o in n.output}
+    epad = next(n for n in emulated.graph.node if n.op_type == "Pad")
+    assert made[epad.input[0]].op_type == "QuantizeLinear"
+    pad_value = next(numpy_helper.to_array(t) for t in emulated.graph.initializer if t.name == epad.input[2])
+    assert pad_value.dtype == np.int8
     fast = make_session(qmodel.SerializeToString(), npu_emulation=True)
     for batch in batches():
         np.testing.assert_array_equal(fast.run(None, batch)[0], _run(qmodel, batch)[0])
