@@ -364,7 +364,7 @@ def test_a_preset_fills_only_what_the_recipe_left_out_in_compare_variants_and_th
     assert result.exit_code in (0, 4), result.output
     (variant,) = [p for p in out.iterdir() if p.is_dir()]
     used = json.loads((variant / "quantize" / "stage.json").read_text())["metrics"]["settings"]
-    assert used["activation_method"] == "percentile" and used["preset"] == "cnn"
+    assert used["activation_method"] == "mse" and used["preset"] == "cnn"  # 8-bit activations
 
     run = ["run", str(path), "--out", str(path.parent / "run"), "--quiet"]
     assert CliRunner().invoke(app, run).exit_code in (0, 4)

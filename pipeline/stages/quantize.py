@@ -30,7 +30,7 @@ class QuantizeStage(Stage):
     name = "quantize"
     sections = ("quantization", "calibration")
     after = ("prepare", "calibrate")
-    revision = 10  # 3: transforms registry; 4: range guard; 5: 16-bit values keep int8 MAC readers (requantized), A16W8 fallback rung, output-error ranges; 6: presets by model family, weight ranges, steps after quantization (AdaRound); 7: a fused activation's input takes the activation's quantization, bits included; 8: the CNN preset runs AdaRound on quantized inputs for every 8-bit activation format; 9: residual-stream equalization in the CNN preset; 10: centred depthwise inputs (explicit Pads), a shifted Clip's lower bound on its grid
+    revision = 11  # 3: transforms registry; 4: range guard; 5: 16-bit values keep int8 MAC readers (requantized), A16W8 fallback rung, output-error ranges; 6: presets by model family, weight ranges, steps after quantization (AdaRound); 7: a fused activation's input takes the activation's quantization, bits included; 8: the CNN preset runs AdaRound on quantized inputs for every 8-bit activation format; 9: residual-stream equalization in the CNN preset; 10: centred depthwise inputs (explicit Pads), a shifted Clip's lower bound on its grid; 11: the CNN preset's 8-bit activation ranges by squared error
     outputs = ("model.onnx", "ranges.json")
     optional_outputs = (
         "emulated.onnx",  # the model validate runs when it differs from model.onnx (BF16, BF16 fallback nodes)
@@ -73,7 +73,8 @@ def resolve_settings(recipe: Recipe, model, target, fmt: Format) -> tuple[Quanti
     preset = choose_preset(q.preset, model, family=family)
     steps = [(s.name, s.settings) for s in q.transform_steps()]
     method_given = "method" in calibration.model_fields_set
-    method = calibration.method if method_given else (preset.activation_method or calibration.method)
+    method = calibration.method if method_given else (preset.activation_method_for(fmt.spec.activation_bits)
+                                                       or calibration.method)
     settings = QuantizeSettings(
         target=target, fmt=fmt, method=method, percentile=calibration.percentile, exclude_nodes=tuple(q.exclude_nodes),
         transforms=steps or preset_steps(preset, power_of_two=fmt.spec.power_of_two, method=method,

@@ -186,7 +186,7 @@ def compare(
     out = Path(out).resolve() if out else (Path.cwd() / "build" / f"{base.name}-compare").resolve()
     # Only what the recipe says: a key it left out stays out, so the presets fill the same keys they fill
     # for the recipe itself (a dumped default `calibration.method: minmax` would turn the CNN preset's
-    # percentile ranges off).
+    # activation ranges off).
     data = base.model_dump(mode="json", exclude_unset=True)
     data.pop("output", None)
     variants, errors, seed = [], [], None
