@@ -295,16 +295,19 @@ def test_quantize_stage_applies_the_cnn_preset_where_the_recipe_is_silent(tiny_c
     assert dict(settings.transforms)["adaround"] == {}
     assert dict(settings.transforms)["bias_absorption"] == {"consumer_bias": "float"}
     assert "residual_equalization" not in dict(settings.transforms)
+    assert settings.method == "percentile" and settings.output_method is None  # 16-bit: the percentile throughout
     settings, _ = resolve_settings(silent, model, target, Format.A8W8)
     assert dict(settings.transforms)["adaround"] == {"quantized_inputs": True}
-    assert settings.method == "percentile" and settings.weight_method == "mse" and used["family"] == "cnn"
+    # 8-bit activations: ranges by squared error, except the graph outputs' (the answer is not clipped).
+    assert settings.method == "mse" and settings.output_method == "percentile"
+    assert settings.weight_method == "mse" and used["family"] == "cnn"
     explicit = load_recipe(tiny_cnn_recipe(
         calibration={"data": {"kind": "npz", "path": "calib.npz"}, "samples": 16, "method": "minmax"},
         quantization={"target": "xdna2", "format": "a8w8", "transforms": ["bias_correction"], "weight_method": "minmax"},
     ))
     settings, _ = resolve_settings(explicit, model, target, Format.A8W8)
     assert [n for n, _ in settings.transforms] == ["bias_correction"]
-    assert settings.method == "minmax" and settings.weight_method == "minmax"
+    assert settings.method == "minmax" and settings.weight_method == "minmax" and settings.output_method is None
     off = load_recipe(tiny_cnn_recipe(quantization={"target": "xdna2", "format": "a8w8", "preset": "none"}))
     settings, _ = resolve_settings(off, model, target, Format.A8W8)
     assert not settings.transforms and settings.weight_method is None
@@ -597,3 +600,19 @@ def test_bias_absorption_after_equalization_centres_what_equalization_left():
         bottom = min(float(v[i].min()) for v in values)
         c = applied[name]["shift"]
         assert bottom == pytest.approx(-c, rel=1e-4) and top == pytest.approx(c, rel=1e-3)  # centred on 0
+
+
+def test_graph_outputs_keep_their_range_method_when_the_bulk_is_clipped_by_squared_error():
+    """The CNN preset's 8-bit ranges (mse) clip for a tensor's bulk; a graph output is the answer (the top
+    logit, a far box) and keeps the general method, so its largest values are not cut."""
+    model = _residual_block()
+    batches = _batches(16, (1, 3, 6, 6))
+    hist = collect_histograms(model, batches(), progress=False)
+    common = dict(target=get_target("xdna2"), fmt=Format("a8w8"), method="mse")
+    _, ranges, _ = quantize_qdq(model, hist, **common, output_method="minmax")
+    (output,) = [o.name for o in model.graph.output]
+    inner = [name for name in ranges if name != output and ranges[name]["bits"] == 8]
+    assert ranges[output]["method"] == "minmax" and inner and all(ranges[n]["method"].endswith("mse") for n in inner)
+    clipped = quantize_qdq(model, hist, **common)[1][output]
+    top = max(abs(hist[output].min), abs(hist[output].max))
+    assert ranges[output]["hi"] >= top > clipped["hi"]  # minmax covers the output; mse cut it

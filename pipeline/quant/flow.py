@@ -56,6 +56,7 @@ class QuantizeSettings:
     output_error_ranges: bool = False
     output_error_samples: int = 8
     weight_method: str | None = None  # `pipeline.quant.weight_ranges`; None: the quantizer's own
+    output_method: str | None = None  # the graph outputs' range method; None: `method`
 
 
 @dataclass
@@ -84,7 +85,7 @@ def run_quantize_flow(
     """Run the flow (see the module docstring). `calibration(limit)` opens the calibration data (all of
     it for None); `fallback(float model, quantize, guard)` runs the search and returns its result."""
     common = dict(target=settings.target, fmt=settings.fmt, method=settings.method, percentile=settings.percentile,
-                  weight_method=settings.weight_method)
+                  weight_method=settings.weight_method, output_method=settings.output_method)
     transformed, transform_result = model, None
     steps = make_transforms(settings.transforms) if settings.transforms else []
     samples = settings.transform_samples

@@ -12,7 +12,8 @@ when `calibration.method` is not set, its weight range method when `quantization
   through an explicit Pad), for power-of-two formats (XINT8) power-of-two alignment of the activations,
   AdaRound with bias correction after Q/DQ insertion (with 8-bit activations, XINT8 and A8W8, on the
   quantized model's inputs, layer by layer), activation ranges by squared error for 8-bit activations and
-  by percentile for 16-bit ones, MSE weight ranges.
+  by percentile for 16-bit ones and for the graph outputs (squared error clips for a tensor's bulk; at an
+  output that cuts the answer: the top logit, or a channel saturated whole), MSE weight ranges.
   Per-tensor int8 MobileNetV2 needs all of them (see the README's figures).
 - `transformer` (a graph with attention): MSE weight ranges only (MiniLM A8W8: mean nearest-neighbour
   agreement over validation and three held-out sets 93.0% -> 94.4%, every set better or equal).

@@ -216,6 +216,7 @@ def quantize_qdq(
     wide_nodes: Collection[str] | None = None,
     int8_ranges: Mapping[str, tuple[float, float]] | None = None,
     weight_method: str | None = None,
+    output_method: str | None = None,
 ):
     """QDQ-quantize `model` with ranges from `collector`; returns (model, ranges by tensor, info).
 
@@ -229,7 +230,10 @@ def quantize_qdq(
     `int8_ranges` overrides the (lo, hi) of a tensor's int8 quantization (its int8 copy's, or its own when
     only MAC nodes read it: a clip chosen for them must not clip a residual Add reading the same int8
     value), e.g. ranges chosen by the reading layer's output error (`pipeline.quant.output_ranges`).
-    `weight_method`: how weight scales are chosen (module docstring).
+    `weight_method`: how weight scales are chosen (module docstring). `output_method` (default: `method`)
+    chooses the ranges of the graph outputs: a method that clips for the sake of the bulk of a tensor
+    (`mse`) can clip an output's largest values, which are the answer (the top logit, a far box), or
+    saturate a whole channel of it to a constant.
     """
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
@@ -261,11 +265,14 @@ def quantize_qdq(
     masked_scores = masked_softmax_inputs(model, mask_nodes)
     symmetric = spec.symmetric_activations
     floors = clip_floors(model)
+    graph_outputs = {o.name for o in model.graph.output}
     ranges, methods, overrides = {}, {}, {}
     for name in collector.names:
         stats = collector[name]
         bits = promote.get(name, spec.activation_bits)
         how = promote_method if promote_method is not None and bits != spec.activation_bits else method
+        if output_method is not None and name in graph_outputs and bits == spec.activation_bits:
+            how = output_method
         if name in masked_scores and masked_scores[name] in collector:
             lo, hi, used = _masked_softmax_range(collector[masked_scores[name]], how, percentile, bits)
         elif bits == spec.activation_bits and name in int8_ranges:

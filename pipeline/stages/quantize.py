@@ -75,19 +75,22 @@ def resolve_settings(recipe: Recipe, model, target, fmt: Format) -> tuple[Quanti
     method_given = "method" in calibration.model_fields_set
     method = calibration.method if method_given else (preset.activation_method_for(fmt.spec.activation_bits)
                                                        or calibration.method)
+    # The preset's 8-bit method clips for a tensor's bulk; the graph outputs (the answer) keep its general one.
+    output_method = None if method_given or method == preset.activation_method else preset.activation_method
     settings = QuantizeSettings(
         target=target, fmt=fmt, method=method, percentile=calibration.percentile, exclude_nodes=tuple(q.exclude_nodes),
         transforms=steps or preset_steps(preset, power_of_two=fmt.spec.power_of_two, method=method,
                                          percentile=calibration.percentile, activation_bits=fmt.spec.activation_bits),
         transform_samples=min(q.transform_samples, calibration.samples),
         promoted_method=q.fallback.promoted_method,
-        weight_method=q.weight_method or preset.weight_method,
+        weight_method=q.weight_method or preset.weight_method, output_method=output_method,
         guard=q.range_guard, free_16bit=q.free_16bit,
         output_error_ranges=q.mac_input_ranges == "output_error",
         output_error_samples=min(q.output_error_samples, calibration.samples),
     )
     used = {"preset": preset.name, "family": family, "transforms": [n for n, _ in settings.transforms],
-            "activation_method": settings.method, "weight_method": settings.weight_method or "minmax"}
+            "activation_method": settings.method, "weight_method": settings.weight_method or "minmax",
+            **({"output_method": output_method} if output_method else {})}
     return settings, used
 
 
