@@ -215,6 +215,8 @@ VARIANTS = {
                                                                     "adaround"]}},
                                    "the preset with AdaRound on float inputs (one pass for every layer)"),
     "preset-free_16bit": ({"quantization": {"free_16bit": False}}, "the recipe without 16-bit non-MAC values"),
+    "preset-mse_activations": ({"calibration": {"method": "percentile"}},
+                               "the preset with percentile ranges for its 8-bit activations instead of mse"),
 }
 
 
