@@ -52,6 +52,11 @@ def is_default_domain(domain: str) -> bool:
     return domain in ("", "ai.onnx")
 
 
+def is_constant_pad(node) -> bool:
+    """A Pad in constant mode (the default), the mode whose value bias absorption writes its shifted zero in."""
+    return node.op_type == "Pad" and node_attr(node, "mode", b"constant") in (b"constant", "constant")
+
+
 def node_attr(node, name: str, default=None):
     """The value of `node`'s attribute `name` (ints, floats, strings as bytes, tensors), or `default`."""
     for attribute in node.attribute:

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..core.ops import is_constant_pad
+
 __all__ = ["fused_activation_inputs", "padded_outputs", "pad_values_on_their_grid", "clip_floors"]
 
 
@@ -26,8 +28,7 @@ def padded_outputs(model: onnx.ModelProto) -> dict[str, str]:
     """{output: input} of every constant-mode Pad (the value's own Q/DQ is onnxruntime's, exact)."""
     found = {}
     for node in model.graph.node:
-        mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
-        if node.op_type == "Pad" and mode in (b"constant", "constant"):
+        if is_constant_pad(node):
             found[node.output[0]] = node.input[0]
     return found
 

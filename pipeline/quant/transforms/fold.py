@@ -38,6 +38,7 @@ import onnx
 from onnx import numpy_helper
 
 from ...core.editable import Editable
+from ...core.ops import is_constant_pad
 from .layers import weight_layer
 
 __all__ = ["FoldPlan", "plan_fold", "plan_site", "NotFoldable"]
@@ -291,10 +292,8 @@ def _step_back(graph: Editable, node: onnx.NodeProto, labels: np.ndarray, plan: 
 
 def _constant_pad(graph: Editable, node: onnx.NodeProto) -> tuple[list[int] | None, float]:
     """(pads, value) of a constant-mode Pad with constant pads and value (opset >= 11), else (None, 0)."""
-    mode = graph.attr(node, "mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
     pads = graph.inits.get(node.input[1]) if len(node.input) > 1 else None
-    if mode != "constant" or pads is None or (len(node.input) > 3 and node.input[3]):
+    if not is_constant_pad(node) or pads is None or (len(node.input) > 3 and node.input[3]):
         return None, 0.0
     value = graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1)
     if value is None or value.size != 1:
