@@ -215,6 +215,43 @@ def test_pairs_that_differ_or_are_read_elsewhere_are_kept():
         assert len(drop_redundant_activation_pairs(model).graph.node) == 5
 
 
+def _one_dq_padded(tags: str, *, dq_is_output: bool) -> onnx.ModelProto:
+    """x -> Q -> DQ1 -> a Pad per tag (value on the grid) -> Q -> DQ -> Relu -> y_tag (DQ1 also an output)."""
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z"),
+             numpy_helper.from_array(np.array([1, 1], np.int64), "pads"),
+             numpy_helper.from_array(np.array(-0.35, np.float32), "v")]  # -7 steps
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d1"])]
+    outputs = []
+    for tag in tags:
+        nodes += [helper.make_node("Pad", ["d1", "pads", "v"], [f"p_{tag}"]),
+                  helper.make_node("QuantizeLinear", [f"p_{tag}", "s", "z"], [f"q_{tag}"]),
+                  helper.make_node("DequantizeLinear", [f"q_{tag}", "s", "z"], [f"d_{tag}"]),
+                  helper.make_node("Relu", [f"d_{tag}"], [f"y_{tag}"])]
+        outputs.append(helper.make_tensor_value_info(f"y_{tag}", TensorProto.FLOAT, [66]))
+    if dq_is_output:
+        outputs.append(helper.make_tensor_value_info("d1", TensorProto.FLOAT, [64]))
+    graph = helper.make_graph(nodes, "pads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("tags, dq_is_output", [("ab", False), ("ab", True), ("a", True)])
+def test_pads_on_the_grid_pad_the_integers_and_their_dequantization_goes_only_when_unread(tags, dq_is_output):
+    """Pads reading one DQ all move to the integers and the DQ goes, unless it is a graph output; the
+    values are the unoptimized graph's, bit for bit."""
+    from pipeline.core.emulation import drop_redundant_activation_pairs
+
+    model = _one_dq_padded(tags, dq_is_output=dq_is_output)
+    x = (RNG.standard_normal(64) * 3).astype(np.float32)
+    reference = make_session(model.SerializeToString(), optimize=False).run(None, {"x": x})
+    moved = drop_redundant_activation_pairs(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert all(n.input[0] == "q" for n in moved.graph.node if n.op_type == "Pad")
+    assert any(n.output[0] == "d1" for n in moved.graph.node) == dq_is_output
+    got = make_session(moved.SerializeToString(), optimize=False).run(None, {"x": x})
+    for r, g in zip(reference, got):
+        assert np.array_equal(r.view(np.uint32), g.view(np.uint32))
+
+
 def test_a_model_cut_to_an_early_value_runs_only_the_nodes_it_needs():
     """`expose_outputs(replace=True)` keeps only what the exposed values depend on (onnxruntime would run
     every node otherwise), with the same values, the graph inputs kept, and names an If branch reads from

@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .ops import is_constant_pad
+
 __all__ = ["fold_constant_dequantize", "drop_redundant_activation_pairs", "EMULATION_DISABLED_OPTIMIZERS"]
 
 # onnxruntime transformers that turn Q/DQ node groups into integer kernels or re-quantize float weights.
@@ -168,10 +170,9 @@ def _pairs_after_pads(graph, inits, producer, readers, outputs) -> set[int]:
     integer of v is v (checked below in float32), DQ of every other element is what DQ1 gave it. onnxruntime's
     Pad has no 16-bit kernel: there DQ2's readers read the float Pad."""
     dropped: set[int] = set()
+    moved: list[onnx.NodeProto] = []  # DQ1s whose Pad now reads the integers
     for pad in graph.node:
-        if pad.op_type != "Pad" or pad.domain not in ("", "ai.onnx") or not pad.input:
-            continue
-        if any(a.name == "mode" and a.s not in (b"constant", "constant") for a in pad.attribute):
+        if not is_constant_pad(pad) or pad.domain not in ("", "ai.onnx") or not pad.input:
             continue
         dq1, after = producer.get(pad.input[0]), readers.get(pad.output[0], [])
         if dq1 is None or dq1.op_type != "DequantizeLinear" or len(after) != 1 or after[0].op_type != "QuantizeLinear":
@@ -196,20 +197,22 @@ def _pairs_after_pads(graph, inits, producer, readers, outputs) -> set[int]:
         dropped.add(id(q2))
         if z1.dtype.itemsize == 1:
             _pad_integers(graph, pad, dq1, dq2, np.array(round(k) + int(z1.ravel()[0]), z1.dtype))
-            if len(readers.get(dq1.output[0], [])) == 1:
-                dropped.add(id(dq1))
+            moved.append(dq1)
             continue
         for node in readers.get(dq2.output[0], []):
             for slot, name in enumerate(node.input):
                 if name == dq2.output[0]:
                     node.input[slot] = pad.output[0]
         dropped.add(id(dq2))
+    # A DQ1 goes once nothing reads it any more (several Pads may have read it; a graph output is read).
+    still_read = {name for node in graph.node if id(node) not in dropped for name in node.input} | outputs
+    dropped.update(id(dq1) for dq1 in moved if dq1.output[0] not in still_read)
     return dropped
 
 
 def _pad_integers(graph, pad, dq1, dq2, value: np.ndarray) -> None:
-    """DQ1 -> Pad(v) -> [Q2] -> DQ2 becomes q -> Pad(value) -> DQ2 (the caller drops Q2, and DQ1 when the
-    Pad was its only reader)."""
+    """DQ1 -> Pad(v) -> [Q2] -> DQ2 becomes q -> Pad(value) -> DQ2 (the caller drops Q2, and DQ1 once
+    nothing reads it)."""
     name = f"{pad.output[0]}__integer_pad_value"
     graph.initializer.append(numpy_helper.from_array(value, name))
     pad.input[0] = dq1.input[0]
