@@ -558,7 +558,6 @@ def test_bias_absorption_pads_explicitly_before_a_padded_conv_and_keeps_one_grid
         np.testing.assert_array_equal(fast.run(None, batch)[0], _run(qmodel, batch)[0])
 
 
-
 def test_a_shifted_relu6_keeps_its_old_zero_on_the_int8_grid():
     """After bias absorption a ReLU6's zeros (most of its values) sit at the Clip's lower bound -c: the
     quantizer widens the step just enough that -c is a grid point, so they round to themselves."""
