@@ -265,7 +265,7 @@ def infer_bundle(bundle: Path, inputs: Path, *, npu_numerics: bool = False) -> t
         from .quant.bf16 import emulate_bf16
         from .core.onnx_io import load_onnx
 
-        session = make_session(emulate_bf16(load_onnx(model)).SerializeToString(), npu_emulation=True)
+        session = make_session(emulate_bf16(load_onnx(model)), npu_emulation=True, may_edit=True)
         provider = "CPUExecutionProvider (NPU numerics: bfloat16 rounding at every op)"
     else:
         session = make_session(model, npu_emulation=npu_numerics)

@@ -116,6 +116,20 @@ def test_crop_boxes_are_squares_inside_their_photo():
         assert 0 <= left and 0 <= top and right <= width and bottom <= height
 
 
+def test_the_normalisation_lookup_is_the_pixel_arithmetic_bit_for_bit():
+    from pipeline.models import photo_crops as pc
+
+    # Every byte in every channel, in a non-contiguous view, against the formula computed per pixel.
+    image = np.zeros((256, 3, 3), np.uint8)
+    for c in range(3):
+        image[:, :, c] = np.roll(np.arange(256), 85 * c)[:, None]
+    view = image[:, ::-1]
+    want = ((view.astype(np.float32) / np.float32(255.0) - pc.MEAN) / pc.STD).transpose(2, 0, 1)[None]
+    got = pc.normalise(view)
+    assert got.dtype == np.float32 and got.shape == (1, 3, 256, 3) and got.flags["C_CONTIGUOUS"]
+    assert np.array_equal(got.view(np.uint32), np.ascontiguousarray(want).view(np.uint32))
+
+
 def test_samples_are_normalised_deterministic_and_streamed():
     from pipeline.models import photo_crops as pc
 

@@ -56,9 +56,10 @@ def _dequantized(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np
     return (centred.astype(np.float32) * scale).astype(np.float32)
 
 
-def fold_constant_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose DequantizeLinear nodes reading only initializers are float initializers."""
-    folded = onnx.ModelProto.FromString(model.SerializeToString())
+def fold_constant_dequantize(model: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
+    """A copy of `model` (or `model` itself, edited, when `in_place`) whose DequantizeLinear nodes reading only
+    initializers are float initializers."""
+    folded = model if in_place else onnx.ModelProto.FromString(model.SerializeToString())
     graph = folded.graph
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}

@@ -165,10 +165,16 @@ def _box(width: int, height: int, scale: float, position: tuple[float, float]) -
     return left, top, left + side, top + side
 
 
+# normalise's arithmetic for every (channel, byte): ((v / 255) - mean) / std in float32, the same IEEE
+# operations per value as computing it pixel by pixel, so a lookup is bit-identical and ~2x faster.
+_NORMALISED = ((np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0) - MEAN[:, None]) / STD[:, None])
+
+
 def normalise(rgb: np.ndarray) -> np.ndarray:
     """uint8 [H, W, 3] RGB -> float32 [1, 3, H, W], ImageNet mean/std."""
-    x = (rgb.astype(np.float32) / np.float32(255.0) - MEAN) / STD
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    planes = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)).astype(np.intp)
+    planes += (np.arange(3) * 256)[:, None, None]  # row c of the table
+    return _NORMALISED.reshape(-1)[planes][None]
 
 
 def _render(image, crop: Crop) -> np.ndarray:

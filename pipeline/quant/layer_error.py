@@ -103,7 +103,7 @@ def compare_values(float_model, qmodel, batches: Iterable[dict], pairs: dict[str
             keys.append((name, only_unmasked))
     # The float half unoptimized would cost more than both; MatMulAddFusion stays off (onnxruntime 1.32
     # fails on some rewritten float graphs: "Attempt to replace the existing tensor", MiniLM after SmoothQuant).
-    session = make_session(merged.SerializeToString(), npu_emulation=True, disabled_optimizers=("MatMulAddFusion",))
+    session = make_session(merged, npu_emulation=True, disabled_optimizers=("MatMulAddFusion",), may_edit=True)
     sums = {t: ErrorSums() for t in pairs}
     masked_sums = {t: ErrorSums() for t in masked}
     for batch in batches:
@@ -127,8 +127,9 @@ def _compare_exposed(float_model, qmodel, batches: Iterable[dict], pairs: dict[s
     """compare_values for models that cannot share a graph: both expose the values, strided subsamples."""
     names = list(pairs)
     # Unoptimized: see compare_values (MatMulAddFusion).
-    f_session = make_session(expose_outputs(float_model, names).SerializeToString(), optimize=False)
-    q_session = make_session(expose_outputs(qmodel, [pairs[t] for t in names]).SerializeToString(), npu_emulation=True)
+    f_session = make_session(expose_outputs(float_model, names), optimize=False)
+    q_session = make_session(expose_outputs(qmodel, [pairs[t] for t in names]), npu_emulation=True,
+                             may_edit=True)
     f_index = {o.name: i for i, o in enumerate(f_session.get_outputs())}
     q_index = {o.name: i for i, o in enumerate(q_session.get_outputs())}
     sums = {t: ErrorSums() for t in names}
@@ -212,7 +213,7 @@ def local_sqnr(model, ranges: dict[str, dict], batches: Iterable[dict], *, maske
     """
     names = list(ranges)
     masked = set(masked)
-    session = make_session(expose_outputs(model, names).SerializeToString(), optimize=False)
+    session = make_session(expose_outputs(model, names), optimize=False)
     index = {o.name: i for i, o in enumerate(session.get_outputs())}
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)

@@ -138,7 +138,7 @@ def output_error_ranges(
     sources = {s: r for s, r in sources.items() if r}
     cands = {s: _candidates(histograms[s], bits, symmetric) for s in sources}
     names = sorted(names)
-    session = make_session(expose_outputs(model, names, replace=True).SerializeToString(), optimize=False)
+    session = make_session(expose_outputs(model, names, replace=True), optimize=False)
     # Many small matmuls: one BLAS thread (several oversubscribe a shared machine: measured 5x slower).
     with threadpool_limits(limits=1, user_api="blas"):
         noise, signal = _score(session, batches, sources, cands, weights, bits, symmetric, rows)

@@ -227,7 +227,7 @@ class StatisticsService:
         result = Statistics(StatsCollector(measured) if measured else None)
         if not ins.outputs:
             return result
-        session = make_session(ins.finish().SerializeToString(), optimize=self.optimize)
+        session = make_session(ins.finish(), optimize=self.optimize)
         names = list(measured)
         h_count = 3 * len(names)
         highs: dict[str, np.ndarray] = {}

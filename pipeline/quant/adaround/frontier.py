@@ -122,5 +122,5 @@ class Frontier:
         sub = helper.make_graph(nodes, "segment", inputs, [onnx.ValueInfoProto(name=name) for name in outputs],
                                 [t for t in graph.initializer if t.name in reads])
         model = helper.make_model(sub, opset_imports=self.opsets, ir_version=self.ir_version, functions=self.functions)
-        session = make_session(model.SerializeToString(), **self.session_options)
+        session = make_session(model, **self.session_options)
         return [session.run(outputs, {name: self._known(name, k) for name in sources}) for k in range(len(self.feeds))]

@@ -186,12 +186,12 @@ def collect_moments(
     q_exposed = list(dict.fromkeys(l.input for l in layers))  # two layers may read one DQ output
     q_position = {name: i for i, name in enumerate(q_exposed)}
     if quantized_inputs:
-        qsession = make_session(expose_outputs(qmodel, q_exposed, replace=True).SerializeToString(),
+        qsession = make_session(expose_outputs(qmodel, q_exposed, replace=True),
                                 npu_emulation=True)
     else:
         wanted += [l.float_input for l in layers]
     exposed = list(dict.fromkeys(wanted))  # a layer's input may be another layer's output
-    fsession = make_session(expose_outputs(float_model, exposed, replace=True).SerializeToString(), optimize=False)
+    fsession = make_session(expose_outputs(float_model, exposed, replace=True), optimize=False)
     position = {name: i for i, name in enumerate(exposed)}
     moments, keep = empty_moments(layers, samples=samples, positions=positions, output_shapes=output_shapes,
                                   per_fan_in=per_fan_in)

@@ -70,7 +70,7 @@ class HeldOutFallback:
 
     def run(self) -> FallbackResult:
         settings = self.settings
-        reference = make_session(self.reference.SerializeToString())
+        reference = make_session(self.reference)
         names = [o.name for o in reference.get_outputs()]
         self._plan = plan_outputs(names, self.outputs, output=self.task_output, task=self.task,
                                   task_given=self.task_given)
@@ -124,7 +124,7 @@ class HeldOutFallback:
         return gate.metric if output in (None, self._plan.task_output) else f"{output}:{gate.metric}"
 
     def _metrics(self, npu_model) -> dict:
-        session = make_session(npu_model.SerializeToString(), npu_emulation=True)
+        session = make_session(npu_model, npu_emulation=True)
         evaluators = self._plan.evaluators()
         for refs, batch in zip(self._refs, self.batches):
             for name, r, g in zip(self._plan.names, refs, session.run(None, batch)):

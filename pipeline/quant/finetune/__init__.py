@@ -64,7 +64,7 @@ class FinetuneSettings:
 
 def _emulated_outputs(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> list[list[np.ndarray]]:
     """`model`'s outputs `names` on each feed, in onnxruntime's emulation (the numerics validate uses)."""
-    session = make_session(model.SerializeToString(), npu_emulation=True)
+    session = make_session(model, npu_emulation=True)
     return [session.run(names, feed) for feed in feeds]
 
 
@@ -184,7 +184,7 @@ def finetune(qmodel: onnx.ModelProto, float_model: onnx.ModelProto, batches: Cal
         report.update(kept="original", skipped="not fine-tuned: the float model lacks outputs "
                       + ", ".join(sorted(set(names) - float_names)))
         return qmodel, report
-    float_session = make_session(float_model.SerializeToString())
+    float_session = make_session(float_model)
     available = sum(1 for _ in islice(batches(), settings.samples))
     held_out = min(settings.check_samples, available // 4)
     if held_out == 0:

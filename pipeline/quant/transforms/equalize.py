@@ -204,8 +204,8 @@ def output_sqnr_db(reference, changed, batches, samples: int) -> float:
     """SQNR (dB) of `changed`'s outputs against `reference`'s over the first `samples` batches."""
     from ...core.onnx_io import make_session
 
-    ref = make_session(reference.SerializeToString(), optimize=False)
-    new = make_session(changed.SerializeToString(), optimize=False)
+    ref = make_session(reference, optimize=False)
+    new = make_session(changed, optimize=False)
     signal = noise = 0.0
     for index, batch in enumerate(batches):
         if index >= samples:
