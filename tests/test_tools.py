@@ -298,3 +298,33 @@ def test_parity_refuses_a_missing_ep_and_missing_samples(compared):
         assert code == 2 and "not available on this machine" in stderr
     code, _, stderr = _cli("parity", artifact, "--ep", "cpu")
     assert code == 2 and "--recipe RECIPE" in stderr and "--data FILE.npz" in stderr
+
+
+# ------------------------------------------------------------------------------------------ make bench
+
+
+def test_make_bench_reports_every_stage_and_the_floor_of_each_ratio_target(tmp_path: Path):
+    """`python -m pipeline.bench` (what `make bench` runs) on the digits recipe: every stage timed in a fresh
+    child, each ratio target with the floor the stage cannot go below (data + float model, + the emulated
+    model for validate), measured in the same run."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "pipeline.bench", "--recipes", "digits_cnn", "--memory-sizes",
+                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    digits = report["recipes"]["digits_cnn"]
+    assert list(digits["stages"]) == ["export", "prepare", "calibrate", "quantize", "validate", "package"]
+    floats = digits["float_inference"]
+    assert floats["calibration"]["samples"] == digits["stages"]["calibrate"]["samples"]
+    assert floats["emulated_validation"]["samples"] == floats["validation"]["samples"]
+    for stage, parts in (("calibrate", {"data", "float model"}), ("validate", {"data", "float model", "emulated model"})):
+        floor = digits["floors"][stage]
+        assert set(floor["parts"]) == parts and all(v >= 0 for v in floor["parts"].values())
+        # The float model alone is 1x: a floor is never under it.
+        assert floor["ratio"] >= 1.0 and floor["seconds"] == pytest.approx(sum(floor["parts"].values()), abs=2e-3)
+    ratios = {v["target"]: v for v in report["targets"] if "floor" in v}
+    assert set(ratios) == {"digits_cnn validate <= 2.5x float", "digits_cnn calibrate <= 1.3x float"}
+    for verdict in ratios.values():
+        assert verdict["holds"] == (verdict["value"] <= float(verdict["target"].split("<= ")[1].rstrip("x float")))
+    assert f"targets: {report['targets_held']}/{report['targets_total']} hold" in result.stdout
+    assert "validate floor: data" in result.stdout

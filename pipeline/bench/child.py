@@ -3,7 +3,9 @@ inherits another's memory. Prints one JSON line.
 
     pipeline RECIPE DIR        every stage of RECIPE into DIR: seconds and peak RSS per stage
     float RECIPE DIR           plain float inference of the prepared model over the calibration and the
-                               validation samples (data decoded before the clock starts)
+                               validation samples (data decoded before the clock starts; the decoding is
+                               timed on its own), and the quantized model in validate's NPU emulation
+                               over the validation samples (what validate runs besides the float model)
     scan-infer RECIPE DIR N    float inference of N calibration samples
     scan-calibrate RECIPE DIR N  calibration statistics (and ranges) of N calibration samples
 """
@@ -71,12 +73,18 @@ def _samples(recipe, section: str, limit: int | None = None) -> list[dict]:
     return list(open_dataset(recipe, section, limit=limit))
 
 
-def _time_inference(model: Path, batches: list[dict]) -> dict:
+def _timed_samples(recipe, section: str) -> tuple[list[dict], float]:
+    start = time.perf_counter()
+    batches = _samples(recipe, section)
+    return batches, round(time.perf_counter() - start, 3)
+
+
+def _time_inference(model: Path, batches: list[dict], *, npu_emulation: bool = False) -> dict:
     from ..core.onnx_io import make_session
 
     _reset_peak()
     start = time.perf_counter()
-    session = make_session(model)
+    session = make_session(model, npu_emulation=npu_emulation)
     for batch in batches:
         session.run(None, batch)
     return {"seconds": round(time.perf_counter() - start, 3), "peak_rss_mib": round(_peak_rss_mib(), 1),
@@ -93,8 +101,15 @@ def float_inference(recipe_path: str, out: str) -> dict:
 
     recipe = load_recipe(recipe_path)
     model = Path(out) / "prepare" / "model.onnx"
-    calibration, validation = _samples(recipe, "calibration"), _samples(recipe, "validation")
-    return {"calibration": _time_inference(model, calibration), "validation": _time_inference(model, validation)}
+    (calibration, calibration_s), (validation, validation_s) = (_timed_samples(recipe, "calibration"),
+                                                                 _timed_samples(recipe, "validation"))
+    result = {"calibration": {**_time_inference(model, calibration), "data_s": calibration_s},
+              "validation": {**_time_inference(model, validation), "data_s": validation_s}}
+    # The model validate emulates (quantize's BF16-rounding copy where there is one, as validate picks it).
+    quantized = next((p for p in (Path(out) / "quantize" / n for n in ("emulated.onnx", "model.onnx")) if p.is_file()), None)
+    if quantized is not None:
+        result["emulated_validation"] = _time_inference(quantized, validation, npu_emulation=True)
+    return result
 
 
 def _prepared(recipe_path: str, out: str):
