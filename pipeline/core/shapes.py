@@ -51,9 +51,11 @@ def infer(model: onnx.ModelProto, *, strict: bool = False, data_prop: bool = Fal
     result = onnx.ModelProto()
     result.CopyFrom(model)
     del result.graph.value_info[:]
+    producers = {o: n for n in model.graph.node for o in n.output if o in replaced}
+    inits = {t.name: t for t in model.graph.initializer}
     for value in inferred.graph.value_info:
         if value.name in replaced:
-            elem = _qdq_output_type(model, value.name)
+            elem = _qdq_output_type(producers[value.name], inits)
             if elem is None:
                 continue
             value.type.tensor_type.elem_type = elem
@@ -61,13 +63,12 @@ def infer(model: onnx.ModelProto, *, strict: bool = False, data_prop: bool = Fal
     return result
 
 
-def _qdq_output_type(model: onnx.ModelProto, name: str) -> int | None:
-    """Element type of a custom Q/DQ output: float for a DequantizeLinear, the zero point's for a Quantize."""
-    node = next(n for n in model.graph.node if name in n.output)
+def _qdq_output_type(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int | None:
+    """Element type of a custom Q/DQ node's output: float for a DequantizeLinear, the zero point's for a Quantize."""
     if node.op_type in ("DequantizeLinear", "ExtendedDequantizeLinear"):
         return TensorProto.FLOAT
     zero = node.input[2] if len(node.input) > 2 else ""
-    init = next((t for t in model.graph.initializer if t.name == zero), None) if zero else None
+    init = inits.get(zero) if zero else None
     return init.data_type if init is not None else None
 
 
