@@ -252,6 +252,86 @@ def test_pads_on_the_grid_pad_the_integers_and_their_dequantization_goes_only_wh
         assert np.array_equal(r.view(np.uint32), g.view(np.uint32))
 
 
+def _rearranged_between_pairs(dtype: int, scale: float, zero: int, *, other_grid: bool = False,
+                              exposed: bool = False, domain: str = "") -> onnx.ModelProto:
+    """An attention head's plumbing between Q/DQ pairs on one grid: x -> Q/DQ -> Reshape -> Q/DQ -> Transpose
+    -> Q/DQ -> Slice -> Q/DQ, concatenated with a second path on the same grid -> Q/DQ -> MaxPool -> Q/DQ
+    -> MatMul (a reader that computes). `other_grid`: the Transpose's pair has another scale; `exposed`: the
+    Reshape's pair's DQ is a graph output."""
+    np_type = helper.tensor_dtype_to_np_dtype(dtype)
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(zero, np_type), "z"),
+             numpy_helper.from_array(np.array(scale * 1.5, np.float32), "s_other"),
+             numpy_helper.from_array(np.array([1, 4, 8, 16], np.int64), "shape"),
+             numpy_helper.from_array(np.array([0], np.int64), "start"), numpy_helper.from_array(np.array([12], np.int64), "end"),
+             numpy_helper.from_array(np.array([3], np.int64), "axis"),
+             numpy_helper.from_array(RNG.standard_normal((24, 5)).astype(np.float32), "w")]
+    nodes = []
+
+    def pair(source: str, tag: str, s: str = "s") -> str:
+        nodes.extend([helper.make_node("QuantizeLinear", [source, s, "z"], [f"q_{tag}"], domain=domain),
+                      helper.make_node("DequantizeLinear", [f"q_{tag}", s, "z"], [f"d_{tag}"], domain=domain)])
+        return f"d_{tag}"
+
+    x = pair("x", "in")
+    nodes.append(helper.make_node("Reshape", [x, "shape"], ["r"]))
+    r = pair("r", "reshape")
+    nodes.append(helper.make_node("Transpose", [r], ["t"], perm=[0, 2, 1, 3]))
+    t = pair("t", "transpose", "s_other" if other_grid else "s")
+    nodes.append(helper.make_node("Slice", [t, "start", "end", "axis"], ["sl"]))
+    sl = pair("sl", "slice")
+    y = pair("y", "second")
+    nodes.append(helper.make_node("Concat", [sl, y], ["c"], axis=3))
+    c = pair("c", "concat")
+    nodes.append(helper.make_node("MaxPool", [c], ["m"], kernel_shape=[1, 2], strides=[1, 1], pads=[0, 0, 0, 1]))
+    m = pair("m", "maxpool")
+    nodes.append(helper.make_node("MatMul", [m, "w"], ["out"]))
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 4, 5])]
+    if exposed:
+        outputs.append(helper.make_tensor_value_info(r, TensorProto.FLOAT, [1, 4, 8, 16]))
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 16]),
+                                              helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 12])],
+                              outputs, inits)
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize("case", [
+    (TensorProto.INT8, 0.043, 0, ""), (TensorProto.UINT8, 0.021, 117, ""), (TensorProto.INT16, 1.9e-4, 0, "com.microsoft"),
+])
+def test_pairs_after_ops_that_only_move_values_go_and_the_values_are_bit_identical(case):
+    """A Q/DQ pair whose input is already on its grid (dequantized, then only moved: Reshape, Transpose,
+    Slice, Concat of two paths on that grid, MaxPool) changes no value: every such pair goes, chains
+    included, and the outputs are the unoptimized graph's bit for bit. Inputs hit rounding midpoints."""
+    from pipeline.core.emulation import drop_redundant_activation_pairs
+
+    dtype, scale, zero, domain = case
+    model = _rearranged_between_pairs(dtype, scale, zero, domain=domain)
+    s = np.float32(scale)
+    feeds = {"x": ((RNG.integers(-200, 200, (1, 8, 4, 16)) + np.float32(0.5)) * s).astype(np.float32),
+             "y": (RNG.standard_normal((1, 8, 4, 12)) * 90 * s).astype(np.float32)}
+    reference = make_session(model.SerializeToString(), optimize=False).run(None, feeds)[0]
+    dropped = drop_redundant_activation_pairs(onnx.ModelProto.FromString(model.SerializeToString()))
+    onnx.checker.check_model(dropped)
+    # Only the two pairs on the inputs stay: every other value was already on the grid.
+    assert [n.output[0] for n in dropped.graph.node if n.op_type == "QuantizeLinear"] == ["q_in", "q_second"]
+    got = make_session(dropped.SerializeToString(), optimize=False).run(None, feeds)[0]
+    assert np.array_equal(reference.view(np.uint32), got.view(np.uint32))
+    fast = make_session(model.SerializeToString(), npu_emulation=True).run(None, feeds)[0]
+    assert np.allclose(fast, reference, rtol=1e-5, atol=1e-6)  # MatMul pre-packing may reorder its sums
+
+
+def test_pairs_on_another_grid_or_exposed_stay():
+    from pipeline.core.emulation import drop_redundant_activation_pairs
+
+    # The Transpose's pair has another scale: it stays, and so does the Slice's after it (its input is on
+    # the other grid now); the Reshape's, exposed as an output, stays too.
+    other = drop_redundant_activation_pairs(_rearranged_between_pairs(TensorProto.INT8, 0.043, 0, other_grid=True))
+    assert {"q_transpose", "q_slice"} <= {n.output[0] for n in other.graph.node}
+    exposed = drop_redundant_activation_pairs(_rearranged_between_pairs(TensorProto.INT8, 0.043, 0, exposed=True))
+    assert "q_reshape" in {n.output[0] for n in exposed.graph.node}
+    assert "q_transpose" not in {n.output[0] for n in exposed.graph.node}
+
+
 def test_a_model_cut_to_an_early_value_runs_only_the_nodes_it_needs():
     """`expose_outputs(replace=True)` keeps only what the exposed values depend on (onnxruntime would run
     every node otherwise), with the same values, the graph inputs kept, and names an If branch reads from
