@@ -128,6 +128,10 @@ def test_the_normalisation_lookup_is_the_pixel_arithmetic_bit_for_bit():
     got = pc.normalise(view)
     assert got.dtype == np.float32 and got.shape == (1, 3, 256, 3) and got.flags["C_CONTIGUOUS"]
     assert np.array_equal(got.view(np.uint32), np.ascontiguousarray(want).view(np.uint32))
+    # Other dtypes are not cast to bytes on the way (0.5 stays 0.5, not 0): the same arithmetic, no table.
+    halves = view.astype(np.float32) + np.float32(0.5)
+    want = ((halves / np.float32(255.0) - pc.MEAN) / pc.STD).transpose(2, 0, 1)[None]
+    assert np.array_equal(pc.normalise(halves).view(np.uint32), np.ascontiguousarray(want).view(np.uint32))
 
 
 def test_samples_are_normalised_deterministic_and_streamed():

@@ -96,6 +96,16 @@ def _keep_nodes(graph: onnx.GraphProto, kept: list[onnx.NodeProto]) -> None:
 _INTEGER_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
 
 
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """{value: the nodes that read it}, in graph order (built again after every `_keep_nodes`: it copies)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                readers.setdefault(name, []).append(node)
+    return readers
+
+
 def _scalar(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
     if name not in inits:
         return None
@@ -118,11 +128,7 @@ def drop_redundant_activation_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     producer = {o: n for n in graph.node for o in n.output}
     dropped: set[int] = set()
     for act in graph.node:
@@ -174,11 +180,7 @@ def _drop_pairs_on_their_grid(graph, inits, outputs) -> None:
     rearranged tensor its source's grid, so transformers have many (MiniLM A16W8: 72 of 230 pairs, after
     its Reshapes and Transposes; A8W8: 176 of 420, its attention heads' Slices and Concats too). Chains
     count: a value stays on the grid through any number of such ops and dropped pairs."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     grid_of: dict[str, tuple] = {}  # value -> grid key, for values that are dequantized integers
     renamed: dict[str, str] = {}  # a dropped DQ's output -> the value its readers read instead
     dropped: set[int] = set()

@@ -171,8 +171,12 @@ _NORMALISED = ((np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0) - 
 
 
 def normalise(rgb: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3] RGB -> float32 [1, 3, H, W], ImageNet mean/std."""
-    planes = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)).astype(np.intp)
+    """uint8 [H, W, 3] RGB -> float32 [1, 3, H, W], ImageNet mean/std (other dtypes: the same arithmetic)."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8:  # no table for them: computed value by value, as the table was
+        x = (rgb.astype(np.float32) / np.float32(255.0) - MEAN) / STD
+        return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    planes = np.ascontiguousarray(rgb.transpose(2, 0, 1)).astype(np.intp)
     planes += (np.arange(3) * 256)[:, None, None]  # row c of the table
     return _NORMALISED.reshape(-1)[planes][None]
 
